@@ -1,0 +1,350 @@
+"""Train a retriever and a generator together on Ray Train.
+
+Recipe: read config -> passages (ingest) -> embeddings + FAISS index version (Ray Data) -> evaluate the untrained
+start -> TorchTrainer (one `train_loop_per_worker` per worker: retrieve top-K, estimator loss, backward, separate
+retriever/generator optimiser groups, checkpoints through ray.train.report) -> evaluate the final model ->
+metrics.json + MLflow.
+
+    latentrag train --corpus corpus.jsonl --train-qa train.jsonl --eval-qa test.jsonl \
+        --estimator rag-sequence --max-steps 300 --output-dir runs/x
+    ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.data import DataError, read_qa
+
+RESULT_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "num_questions")
+
+
+def build_model(cfg: Config, index):
+    from pipeline.models.generator import build_generator
+    from pipeline.models.retriever import TextEncoder
+    from pipeline.rag import RagModel
+
+    encoder = TextEncoder(cfg.retriever.encoder, pooling=cfg.retriever.pooling, normalize=cfg.retriever.normalize,
+                          max_length=cfg.retriever.max_length)
+    return RagModel(encoder, build_generator(cfg.generator), index, tau=cfg.retriever.tau)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- worker side
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker. `config` holds the resolved run config and paths, all plain values."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipeline.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+    from pipeline.config import from_dict
+    from pipeline.estimators import build_estimator
+    from pipeline.evaluation import evaluate
+    from pipeline.index import load_index
+    from pipeline.tracking import Tracker
+    from pipeline.training import RagTrainer, seed_everything
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads)
+    seed_everything(cfg.train.seed)          # same seed on every rank: identical initial weights
+
+    trainer_state = None
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:               # restarted after a failure: continue from the last checkpoint
+        with checkpoint.as_directory() as d:
+            model, _, _ = load_checkpoint(d)
+            trainer_state = load_trainer_state(d)
+            resume_dir = "ray checkpoint"
+    elif config.get("resume_from"):
+        model, _, _ = load_checkpoint(config["resume_from"])
+        trainer_state = load_trainer_state(config["resume_from"])
+        resume_dir = config["resume_from"]
+    else:
+        model = build_model(cfg, load_index(config["index_dir"]))
+
+    estimator = build_estimator(cfg.train.estimator, k=cfg.train.k)
+    rows = config["train_rows"]
+    trainer = RagTrainer(model, estimator, rows, cfg.train, cfg.retriever.lr if cfg.retriever.train_query_encoder
+                         else 0.0, cfg.generator.lr, rank=rank, world_size=world)
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+        if rank == 0:
+            _log(f"[train] resumed from {resume_dir} at step {trainer.step_num}")
+
+    tracker = Tracker.attach(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
+    total = cfg.train.max_steps
+    every_ckpt = cfg.train.checkpoint_every or total
+    t0, steps_since, window_loss = time.time(), 0, []
+    while trainer.step_num < total:
+        metrics = trainer.step()
+        steps_since += 1
+        window_loss.append(metrics["loss"])
+        step = trainer.step_num
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
+            rate = steps_since / max(time.time() - t0, 1e-9)
+            phase = "generator warm-up (retriever frozen)" if metrics["retriever_frozen"] else "joint"
+            _log(f"[train] step {step}/{total}  loss {sum(window_loss) / len(window_loss):.3f}  "
+                 f"{rate:.2f} steps/s  {rate * cfg.train.batch_size * world:.1f} ex/s  {phase}")
+            if tracker:
+                tracker.log_metrics({**metrics, "steps_per_s": rate,
+                                     "examples_per_s": rate * cfg.train.batch_size * world}, step=step)
+            t0, steps_since, window_loss = time.time(), 0, []
+        report = {"step": step, "loss": metrics["loss"]}
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and config.get("dev_rows"):
+            if rank == 0:
+                dev, _ = evaluate(model, config["dev_rows"], k=cfg.eval.k, estimator=cfg.train.estimator,
+                                  max_questions=cfg.eval.max_questions)
+                report.update({f"dev_{k}": v for k, v in dev.items() if v is not None})
+                report["dev_score"] = dev["em"] + (dev["recall@1"] or 0.0)
+                _log(f"[train] step {step} dev em {dev['em']:.3f} f1 {dev['f1']:.3f} "
+                     f"recall@1 {dev['recall@1']} recall@5 {dev['recall@5']}")
+                if tracker:
+                    tracker.log_metrics({f"dev_{k}": v for k, v in dev.items() if v is not None}, step=step)
+            else:
+                report["dev_score"] = float("nan")
+        if step % every_ckpt == 0 or step == total:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    save_checkpoint(Path(tmp) / "ckpt", model, cfg, step, trainer.state_dict())
+                    ckpt = Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
+                ray.train.report(report, checkpoint=ckpt)
+        elif "dev_score" in report:
+            ray.train.report(report)
+    if tracker:
+        tracker.flush()
+
+
+# --------------------------------------------------------------------------------------------- driver side
+def prepare_passages(corpus: str, output_dir: Path, cfg: Config) -> Path:
+    """An ingested passages directory: `corpus` itself when it already is one, else ingest it."""
+    from pipeline.data import chunk_passages, read_corpus, write_passages
+
+    corpus_path = Path(corpus)
+    if not corpus_path.exists():
+        raise DataError(f"corpus not found: {corpus}")
+    if corpus_path.is_dir() and (corpus_path / "passages.json").exists():
+        return corpus_path
+    rows = read_corpus(corpus_path)
+    rows = chunk_passages(rows, max_words=cfg.data.chunk_words, overlap=cfg.data.chunk_overlap)
+    out = output_dir / "passages"
+    write_passages(rows, out)
+    _log(f"[ingest] {len(rows)} passages -> {out}")
+    return out
+
+
+def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path | None = None,
+                 train_rows: list | None = None, dev_rows: list | None = None, eval_rows: list | None = None,
+                 resume: bool = False, tracker=None, index_dir: str | Path | None = None) -> dict:
+    """The whole recipe on a running (or freshly started) Ray. Returns the metrics written to metrics.json."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.index import build_index
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.evaluation import evaluate
+    from pipeline.index import load_index
+    from pipeline.tracking import Tracker, default_tracking_uri
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(output_dir)
+    save_config(cfg, output_dir / "config.yaml")
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+
+    own_tracker = tracker is None
+    if own_tracker:
+        uri = default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)
+        tracker = Tracker.start(uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
+                                tags={"estimator": cfg.train.estimator},
+                                artifact_location=output_dir / "mlartifacts")
+    tracker.log_params(cfg.flat())
+    _log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
+    try:
+        # 1. index: encode passages with Ray Data and build a FAISS index version
+        if index_dir is None:
+            t = time.time()
+            index_dir = build_index(passages_dir, output_dir / "index", encoder=cfg.retriever.encoder,
+                                    index_type=cfg.index.type, num_actors=cfg.index.encode_actors,
+                                    batch_size=cfg.index.encode_batch_size,
+                                    threads_per_actor=cfg.index.threads_per_actor)
+            tracker.log_metrics({"index_build_seconds": time.time() - t})
+        index = load_index(index_dir)
+        _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
+
+        # 2. the untrained start
+        torch.set_num_threads(cfg.train.torch_threads)
+        from pipeline.training import seed_everything
+        seed_everything(cfg.train.seed)
+        initial_model = build_model(cfg, index)
+        _log(f"[eval] untrained start on {len(eval_rows)} questions ...")
+        initial, _ = evaluate(initial_model, eval_rows, k=cfg.eval.k, estimator=cfg.train.estimator,
+                              decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,
+                              max_questions=cfg.eval.max_questions)
+        del initial_model
+        tracker.log_metrics({f"initial_{k}": v for k, v in initial.items() if v is not None})
+        _log("[eval] untrained: " + _fmt(initial))
+
+        # 3. Ray Train
+        storage = output_dir / "ray_results"
+        use_dev = bool(cfg.train.eval_every and dev_rows)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "index_dir": str(index.path), "train_rows": train_rows,
+                               "dev_rows": dev_rows or [], "tracking_uri": tracker.tracking_uri,
+                               "run_id": tracker.run_id,
+                               "resume_from": str(output_dir / "checkpoint") if resume else None},
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            run_config=RunConfig(
+                name="train", storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=2),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=2,
+                    checkpoint_score_attribute="dev_score" if use_dev else None,
+                    checkpoint_score_order="max")),
+        )
+        t = time.time()
+        result = trainer.fit()
+        train_seconds = time.time() - t
+        if result.error:
+            raise RuntimeError(f"training failed: {result.error}")
+        best = result.get_best_checkpoint("dev_score", "max") if use_dev else None
+        chosen = best or result.checkpoint
+        final_dir = output_dir / "checkpoint"
+        tmp_dir = output_dir / "checkpoint.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with chosen.as_directory() as d:
+            shutil.copytree(d, tmp_dir)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+        _log(f"[train] done in {train_seconds:.0f}s; checkpoint -> {final_dir}")
+
+        # 4. the trained model
+        model, _, meta = load_checkpoint(final_dir)
+        final, predictions = evaluate(model, eval_rows, k=cfg.eval.k, estimator=cfg.train.estimator,
+                                      decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,
+                                      max_questions=cfg.eval.max_questions)
+        metrics = {**final, "estimator": cfg.train.estimator, "strategy": cfg.train.strategy,
+                   "index_version": index.version, "index_dir": str(index.path), "steps": meta["step"],
+                   "train_seconds": round(train_seconds, 1), "initial": initial,
+                   "mlflow_run_id": tracker.run_id}
+        write_json(metrics, output_dir / "metrics.json")
+        write_jsonl_predictions(predictions, output_dir / "predictions.jsonl")
+        tracker.log_metrics({k: v for k, v in final.items() if v is not None})
+        for name in ("config.yaml", "metrics.json", "predictions.jsonl"):
+            tracker.log_artifact(output_dir / name)
+        tracker.log_artifact(final_dir / "generator", "model/generator")
+        tracker.log_artifact(final_dir / "query_encoder", "model/query_encoder")
+        tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
+        _log("[eval] trained:   " + _fmt(final))
+        if own_tracker:
+            tracker.end()
+        return metrics
+    except BaseException:
+        if own_tracker:
+            tracker.end("FAILED")
+        raise
+
+
+def _fmt(m: dict) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    return "  ".join(f"{k} {f(m.get(k))}" for k in ("em", "f1", "recall@1", "recall@5", "recall@20"))
+
+
+def results_table(metrics: dict) -> str:
+    rows = [("metric", "untrained", "trained")]
+    for key in ("em", "f1", "recall@1", "recall@5", "recall@20"):
+        a, b = metrics["initial"].get(key), metrics.get(key)
+        rows.append((key, "n/a" if a is None else f"{a:.3f}", "n/a" if b is None else f"{b:.3f}"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in width))
+    return "\n".join(lines)
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_jsonl_predictions(rows, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentrag train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", help="corpus file (jsonl/parquet/csv/tsv) or directory, or an ingested passages "
+                                    "directory (from `latentrag ingest`)")
+    p.add_argument("--train-qa", help="training questions (jsonl/json/parquet/csv): question, answers[] or answer")
+    p.add_argument("--eval-qa", help="held-out questions for the final (and untrained) evaluation")
+    p.add_argument("--dev-qa", help="questions for periodic evaluation during training (train.eval_every)")
+    p.add_argument("--estimator", help="rag-sequence | rag-token (overrides train.estimator)")
+    p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
+    p.add_argument("--output-dir", help="where checkpoints, metrics.json and the MLflow database go")
+    p.add_argument("--config", help="YAML config (see configs/demo.yaml); flags and --set override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set retriever.lr=1e-5 (repeatable)")
+    p.add_argument("--index", help="an existing index root or version directory (skip encoding)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = list(args.set)
+        for flag, key in ((args.estimator, "train.estimator"), (args.max_steps, "train.max_steps"),
+                          (args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"),
+                          (args.eval_qa, "data.eval_qa"), (args.dev_qa, "data.dev_qa"),
+                          (args.output_dir, "output_dir")):
+            if flag is not None:
+                overrides.append(f"{key}={flag}")
+        cfg = load_config(args.config, overrides)
+        for key in ("corpus", "train_qa", "eval_qa"):
+            if not getattr(cfg.data, key):
+                raise ConfigError(f"data.{key}: required (--{key.replace('_', '-')} or the config)")
+        output_dir = Path(cfg.output_dir)
+        train_rows = read_qa(cfg.data.train_qa)
+        eval_rows = read_qa(cfg.data.eval_qa)
+        dev_rows = read_qa(cfg.data.dev_qa) if cfg.data.dev_qa else None
+        if args.index is None:
+            passages = prepare_passages(cfg.data.corpus, output_dir, cfg)
+        else:
+            passages = None
+        metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,
+                               index_dir=args.index)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(results_table(metrics))
+    print(f"metrics -> {output_dir / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

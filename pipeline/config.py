@@ -1,0 +1,221 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden with `--set key=value`, saved back as YAML.
+
+A saved config loads back to the same values (round trip), so `config.yaml` of any run can be fed to `latentrag train`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ESTIMATORS = ("rag-sequence", "rag-token")
+STRATEGIES = ("joint", "two-phase")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    corpus: str | None = None          # corpus file/dir or an ingested passages dir; None = built-in synthetic KB
+    train_qa: str | None = None
+    dev_qa: str | None = None
+    eval_qa: str | None = None
+    synthetic_seed: int = 0
+    synthetic_entities: int = 400
+    synthetic_templates: str = "default"
+    chunk_words: int = 100
+    chunk_overlap: int = 20
+
+
+@dataclass
+class RetrieverConfig:
+    encoder: str = "minilm"            # alias of the embedded all-MiniLM-L6-v2, a local path, or a hub name
+    pooling: str = "mean"
+    normalize: bool = True
+    max_length: int = 64
+    tau: float = 0.05                  # p(z|x) = softmax(score / tau); cosine scores need a small tau
+    lr: float = 2e-5
+    train_query_encoder: bool = True
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = "copy-bart"            # copy-bart (embedded default) | hf-seq2seq | hf-causal
+    name_or_path: str | None = None    # hub name or local dir for hf-* kinds
+    tokenizer: str = "minilm"          # tokenizer for copy-bart: the embedded MiniLM WordPiece vocab
+    d_model: int = 128
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention_heads: int = 4
+    ffn_dim: int = 512
+    dropout: float = 0.1
+    max_source_length: int = 128
+    max_target_length: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
+class IndexConfig:
+    type: str = "flat"                 # flat | hnsw | ivfpq
+    encode_batch_size: int = 128
+    encode_actors: int = 1
+    threads_per_actor: int = 2
+
+
+@dataclass
+class TrainConfig:
+    estimator: str = "rag-sequence"
+    strategy: str = "joint"
+    k: int = 5                         # passages per question in the marginal
+    batch_size: int = 16
+    max_steps: int = 300
+    generator_warmup_steps: int = 0    # steps with the retriever frozen while the generator learns to read
+    warmup_steps: int = 20             # lr linear warm-up for both groups
+    lr_decay: str = "linear"           # linear | constant
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 0                # 0 = only at the end
+    log_every: int = 10
+    checkpoint_every: int = 0          # 0 = only at the end
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 2
+    torch_threads: int = 2
+
+
+@dataclass
+class EvalConfig:
+    k: int = 5
+    decode: str = "fast"               # fast | thorough (rag-sequence) ; rag-token uses beam over the marginal
+    num_beams: int = 1
+    max_questions: int = 0             # 0 = all
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None    # None = MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "latentrag"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    output_dir: str = "runs/train"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form MLflow params and `--set` use."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    def validate(self) -> "Config":
+        if self.train.estimator not in ESTIMATORS:
+            raise ConfigError(f"train.estimator: unknown estimator {self.train.estimator!r}; "
+                              f"choose one of {', '.join(ESTIMATORS)}")
+        if self.train.strategy not in STRATEGIES:
+            raise ConfigError(f"train.strategy: unknown strategy {self.train.strategy!r}; "
+                              f"choose one of {', '.join(STRATEGIES)}")
+        if self.generator.kind not in ("copy-bart", "hf-seq2seq", "hf-causal"):
+            raise ConfigError(f"generator.kind: unknown kind {self.generator.kind!r}")
+        if self.generator.kind != "copy-bart" and not self.generator.name_or_path:
+            raise ConfigError(f"generator.name_or_path: required for generator.kind={self.generator.kind}")
+        if self.index.type not in ("flat", "hnsw", "ivfpq"):
+            raise ConfigError(f"index.type: unknown index type {self.index.type!r}; choose flat, hnsw or ivfpq")
+        for key, value in (("train.k", self.train.k), ("train.batch_size", self.train.batch_size),
+                           ("train.max_steps", self.train.max_steps), ("eval.k", self.eval.k)):
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.retriever.tau <= 0:
+            raise ConfigError(f"retriever.tau: must be > 0, got {self.retriever.tau}")
+        return self
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name) if name in names else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def from_dict(values: dict | None) -> Config:
+    return _build(Config, values or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + `key=value` overrides, validated."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    cfg = from_dict(values)
+    for item in overrides or []:
+        cfg = apply_override(cfg, item)
+    return cfg.validate()
+
+
+def apply_override(cfg: Config, item: str) -> Config:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=100")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
+            raise ConfigError(f"--set {key}: unknown section {part!r}")
+        target = getattr(target, part)
+    leaf = parts[-1]
+    if not hasattr(target, leaf) or dataclasses.is_dataclass(getattr(target, leaf)):
+        raise ConfigError(f"--set {key}: unknown key {leaf!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    current = getattr(target, leaf)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"--set {key}: expected {type(current).__name__}, got {raw!r}")
+    setattr(target, leaf, value)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

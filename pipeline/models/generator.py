@@ -1,0 +1,298 @@
+"""Generators: p(y | x, z) for every (question, passage) pair of a batch in one forward pass.
+
+`copy-bart` is the embedded default: a small BART built from config (random init) with a copy head
+(pointer-generator, See et al. 2017). At initialisation the copy head attends almost uniformly over the source, so
+p(answer | passage) is already much higher for passages that contain the answer's tokens: the retriever gets a real
+signal from step one, and reading (where to copy from) is learnt within the demo budget. Hugging Face seq2seq and
+decoder-only models (`hf-seq2seq`, `hf-causal`) are the choice for real runs; all kinds share one interface:
+
+    inputs = gen.encode_inputs(questions, passages)       # flat lists of equal length N
+    labels, mask = gen.encode_targets(answers)            # [N, T]
+    gen.token_logprobs(inputs, labels) -> [N, T]          # log p(y_t | x, z, y_<t), 0 on padding
+    state = gen.start_decoding(inputs); gen.decode_step(state, prefix) -> [N, V]   # decoding
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.retriever import resolve_encoder_path
+
+
+def _load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_encoder_path(name_or_path))
+
+
+class Generator(nn.Module):
+    """Shared interface: inputs and targets to tensors, per-token log-likelihoods, step-wise decoding."""
+
+    tokenizer = None
+    max_source_length: int = 128
+    max_target_length: int = 16
+
+    def encode_inputs(self, questions: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_targets(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def token_logprobs(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def start_decoding(self, inputs: dict[str, torch.Tensor]) -> dict:
+        """Run the encoder once; the returned state feeds `decode_step`."""
+        raise NotImplementedError
+
+    def decode_step(self, state: dict, prefix: torch.Tensor) -> torch.Tensor:
+        """[N, V] log p(next token | x, z, prefix); prefix starts with `start_token_id`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def select_state(state: dict, rows: torch.Tensor) -> dict:
+        """Keep (and repeat) the rows of a decoding state, for beam search."""
+        return {k: v.index_select(0, rows) for k, v in state.items()}
+
+    @property
+    def eos_token_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def start_token_id(self) -> int:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _device(self):
+        return next(self.parameters()).device
+
+
+class CopyBart(Generator):
+    """Small BART (random init) whose output mixes the vocabulary with copying from the source tokens."""
+
+    def __init__(self, tokenizer: str = "minilm", d_model: int = 128, encoder_layers: int = 2,
+                 decoder_layers: int = 2, attention_heads: int = 4, ffn_dim: int = 512, dropout: float = 0.1,
+                 max_source_length: int = 128, max_target_length: int = 16):
+        super().__init__()
+        from transformers import BartConfig, BartModel
+
+        self.tokenizer_name = tokenizer
+        self.tokenizer = _load_tokenizer(tokenizer)
+        tok = self.tokenizer
+        self.hparams = dict(tokenizer=tokenizer, d_model=d_model, encoder_layers=encoder_layers,
+                            decoder_layers=decoder_layers, attention_heads=attention_heads, ffn_dim=ffn_dim,
+                            dropout=dropout, max_source_length=max_source_length,
+                            max_target_length=max_target_length)
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        # WordPiece tokenizers have [CLS]/[SEP]; they serve as BOS/EOS.
+        self._bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        self._eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        config = BartConfig(
+            vocab_size=len(tok), d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+            encoder_attention_heads=attention_heads, decoder_attention_heads=attention_heads,
+            encoder_ffn_dim=ffn_dim, decoder_ffn_dim=ffn_dim, dropout=dropout, attention_dropout=0.0,
+            max_position_embeddings=max(max_source_length, max_target_length) + 8,
+            pad_token_id=tok.pad_token_id, bos_token_id=self._bos, eos_token_id=self._eos,
+            decoder_start_token_id=self._bos, forced_eos_token_id=None, scale_embedding=True,
+        )
+        self.bart = BartModel(config)
+        self.copy_query = nn.Linear(d_model, d_model, bias=False)
+        self.copy_key = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(2 * d_model, 1)
+        # Start by preferring the copy distribution: answers are mostly spans of the passage.
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, -2.0)
+        # Small copy logits at init: near-uniform attention over the source.
+        nn.init.normal_(self.copy_query.weight, std=0.02)
+        nn.init.normal_(self.copy_key.weight, std=0.02)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos
+
+    @property
+    def start_token_id(self) -> int:
+        return self._bos
+
+    def encode_inputs(self, questions, passages):
+        enc = self.tokenizer(list(questions), list(passages), padding=True, truncation="only_second",
+                             max_length=self.max_source_length, return_tensors="pt",
+                             return_token_type_ids=False)
+        device = self._device()
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    def encode_targets(self, answers):
+        enc = self.tokenizer(list(answers), padding=True, truncation=True, max_length=self.max_target_length,
+                             add_special_tokens=False, return_tensors="pt", return_token_type_ids=False)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        # append EOS after the last real token
+        lengths = mask.sum(1)
+        ids = torch.cat([ids, torch.full((ids.size(0), 1), self.tokenizer.pad_token_id)], 1)
+        mask = torch.cat([mask, torch.zeros(mask.size(0), 1, dtype=mask.dtype)], 1)
+        ids[torch.arange(ids.size(0)), lengths] = self._eos
+        mask[torch.arange(ids.size(0)), lengths] = 1
+        device = self._device()
+        return ids.to(device), mask.to(device)
+
+    def _encode(self, inputs):
+        return self.bart.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+
+    def _mixture_logprobs(self, inputs, enc, decoder_input_ids) -> torch.Tensor:
+        """[N, t, V] log of p_gen * softmax(vocab) + (1 - p_gen) * copy attention scattered onto token ids."""
+        dec = self.bart.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
+                                encoder_attention_mask=inputs["attention_mask"]).last_hidden_state
+        vocab_logits = F.linear(dec, self.bart.shared.weight)
+        scores = self.copy_query(dec) @ self.copy_key(enc).transpose(1, 2) / math.sqrt(dec.size(-1))
+        src_mask = inputs["attention_mask"].bool().unsqueeze(1)
+        # never copy special tokens ([CLS]/[SEP]/[PAD])
+        special = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        for tid in (self._bos, self._eos, self.tokenizer.pad_token_id):
+            special |= inputs["input_ids"].eq(tid)
+        src_mask = src_mask & ~special.unsqueeze(1)
+        scores = scores.masked_fill(~src_mask, float("-inf"))
+        attn = torch.softmax(scores, dim=-1)                                  # [N, t, S]
+        context = attn @ enc
+        p_gen = torch.sigmoid(self.gate(torch.cat([dec, context], -1)))       # [N, t, 1]
+        copy_probs = torch.zeros_like(vocab_logits).scatter_add_(
+            -1, inputs["input_ids"].unsqueeze(1).expand(-1, dec.size(1), -1), attn)
+        probs = p_gen * torch.softmax(vocab_logits, -1) + (1 - p_gen) * copy_probs
+        return torch.log(probs.clamp_min(1e-12))
+
+    def _shift_right(self, labels):
+        start = torch.full((labels.size(0), 1), self._bos, dtype=labels.dtype, device=labels.device)
+        shifted = torch.cat([start, labels[:, :-1]], 1)
+        return shifted.masked_fill(shifted.eq(-100), self.tokenizer.pad_token_id)
+
+    def token_logprobs(self, inputs, labels):
+        enc = self._encode(inputs)
+        logp = self._mixture_logprobs(inputs, enc, self._shift_right(labels))
+        out = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return out.masked_fill(labels.eq(self.tokenizer.pad_token_id) | labels.eq(-100), 0.0)
+
+    def start_decoding(self, inputs):
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                "enc": self._encode(inputs)}
+
+    def decode_step(self, state, prefix):
+        return self._mixture_logprobs(state, state["enc"], prefix)[:, -1]
+
+    def save(self, out_dir):
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        # tied weights (shared/embed_tokens) are stored once
+        seen, unique = set(), {}
+        for k, v in state.items():
+            key = (v.data_ptr(), tuple(v.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            unique[k] = v
+        save_file(unique, str(out_dir / "model.safetensors"))
+        (out_dir / "generator.json").write_text(json.dumps({"kind": "copy-bart", **self.hparams}, indent=2))
+        self.tokenizer.save_pretrained(out_dir / "tokenizer")
+
+
+class HFSeq2SeqGenerator(Generator):
+    """Any Hugging Face encoder-decoder (BART, T5) via AutoModelForSeq2SeqLM."""
+
+    def __init__(self, name_or_path: str, max_source_length: int = 256, max_target_length: int = 32, model=None,
+                 tokenizer=None):
+        super().__init__()
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        self.name_or_path = name_or_path
+        self.model = model if model is not None else AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name_or_path)
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+
+    @property
+    def eos_token_id(self):
+        return self.model.config.eos_token_id
+
+    @property
+    def start_token_id(self):
+        return self.model.config.decoder_start_token_id
+
+    def encode_inputs(self, questions, passages):
+        texts = [f"question: {q} context: {p}" for q, p in zip(questions, passages)]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_source_length,
+                             return_tensors="pt")
+        device = self._device()
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    def encode_targets(self, answers):
+        enc = self.tokenizer(text_target=list(answers), padding=True, truncation=True,
+                             max_length=self.max_target_length, return_tensors="pt")
+        device = self._device()
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def token_logprobs(self, inputs, labels):
+        pad = self.tokenizer.pad_token_id
+        masked = labels.masked_fill(labels.eq(pad), -100)
+        logits = self.model(**inputs, labels=masked).logits
+        out = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return out.masked_fill(labels.eq(pad), 0.0)
+
+    def start_decoding(self, inputs):
+        enc = self.model.get_encoder()(**inputs).last_hidden_state
+        return {"attention_mask": inputs["attention_mask"], "enc": enc}
+
+    def decode_step(self, state, prefix):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state["enc"]),
+                            attention_mask=state["attention_mask"], decoder_input_ids=prefix).logits[:, -1]
+        return torch.log_softmax(logits.float(), -1)
+
+    def save(self, out_dir):
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / "generator.json").write_text(json.dumps({"kind": "hf-seq2seq", "name_or_path": ".",
+                                                            "max_source_length": self.max_source_length,
+                                                            "max_target_length": self.max_target_length}))
+
+
+def build_generator(cfg) -> Generator:
+    """From a `GeneratorConfig`."""
+    if cfg.kind == "copy-bart":
+        return CopyBart(tokenizer=cfg.tokenizer, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                        decoder_layers=cfg.decoder_layers, attention_heads=cfg.attention_heads,
+                        ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, max_source_length=cfg.max_source_length,
+                        max_target_length=cfg.max_target_length)
+    if cfg.kind == "hf-seq2seq":
+        return HFSeq2SeqGenerator(cfg.name_or_path, cfg.max_source_length, cfg.max_target_length)
+    raise ValueError(f"generator.kind {cfg.kind!r} is not supported yet")
+
+
+def load_generator(path) -> Generator:
+    path = Path(path)
+    meta_file = path / "generator.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"no generator.json in {path}: not a latentrag generator directory")
+    meta = json.loads(meta_file.read_text())
+    kind = meta.pop("kind")
+    if kind == "copy-bart":
+        from safetensors.torch import load_file
+
+        meta["tokenizer"] = str(path / "tokenizer")
+        gen = CopyBart(**meta)
+        gen.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        gen.bart.decoder.embed_tokens.weight = gen.bart.shared.weight
+        gen.bart.encoder.embed_tokens.weight = gen.bart.shared.weight
+        return gen
+    if kind == "hf-seq2seq":
+        return HFSeq2SeqGenerator(str(path), meta["max_source_length"], meta["max_target_length"])
+    raise ValueError(f"{meta_file}: unknown generator kind {kind!r}")
