@@ -28,14 +28,15 @@ from pipeline.data import DataError, read_qa
 RESULT_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "num_questions")
 
 
-def build_model(cfg: Config, index):
+def build_model(cfg: Config, index, train_rows: list[dict] | None = None):
     from pipeline.models.generator import build_generator
     from pipeline.models.retriever import TextEncoder
     from pipeline.rag import RagModel
 
     encoder = TextEncoder(cfg.retriever.encoder, pooling=cfg.retriever.pooling, normalize=cfg.retriever.normalize,
                           max_length=cfg.retriever.max_length)
-    return RagModel(encoder, build_generator(cfg.generator), index, tau=cfg.retriever.tau)
+    answers = [a for r in train_rows for a in r["answers"]] if train_rows else None
+    return RagModel(encoder, build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
 
 
 def _log(msg: str) -> None:
@@ -75,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
         trainer_state = load_trainer_state(config["resume_from"])
         resume_dir = config["resume_from"]
     else:
-        model = build_model(cfg, load_index(config["index_dir"]))
+        model = build_model(cfg, load_index(config["index_dir"]), config["train_rows"])
 
     estimator = build_estimator(cfg.train.estimator, k=cfg.train.k)
     rows = config["train_rows"]
@@ -194,7 +195,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         torch.set_num_threads(cfg.train.torch_threads)
         from pipeline.training import seed_everything
         seed_everything(cfg.train.seed)
-        initial_model = build_model(cfg, index)
+        initial_model = build_model(cfg, index, train_rows)
         _log(f"[eval] untrained start on {len(eval_rows)} questions ...")
         initial, _ = evaluate(initial_model, eval_rows, k=cfg.eval.k, estimator=cfg.train.estimator,
                               decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,

@@ -56,6 +56,7 @@ class GeneratorConfig:
     dropout: float = 0.1
     max_source_length: int = 128
     max_target_length: int = 16
+    output_vocab_size: int = 4096      # copy-bart: vocabulary head over the most frequent answer tokens (0 = all)
     lr: float = 1e-3
 
 
@@ -205,6 +206,11 @@ def apply_override(cfg: Config, item: str) -> Config:
         raise ConfigError(f"--set {key}: unknown key {leaf!r}")
     value = yaml.safe_load(raw) if raw.strip() else None
     current = getattr(target, leaf)
+    if isinstance(current, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and value is not None and not isinstance(value, type(current)):

@@ -79,7 +79,8 @@ class CopyBart(Generator):
 
     def __init__(self, tokenizer: str = "minilm", d_model: int = 128, encoder_layers: int = 2,
                  decoder_layers: int = 2, attention_heads: int = 4, ffn_dim: int = 512, dropout: float = 0.1,
-                 max_source_length: int = 128, max_target_length: int = 16):
+                 max_source_length: int = 128, max_target_length: int = 16,
+                 output_token_ids: list[int] | None = None):
         super().__init__()
         from transformers import BartConfig, BartModel
 
@@ -104,6 +105,15 @@ class CopyBart(Generator):
             decoder_start_token_id=self._bos, forced_eos_token_id=None, scale_embedding=True,
         )
         self.bart = BartModel(config)
+        # The vocabulary head covers `output_token_ids` only (the tokens of the training answers): projecting
+        # onto all 30k WordPiece ids dominated step time on a CPU. Other tokens are produced by copying.
+        vocab = len(tok)
+        ids = sorted(set(output_token_ids) | {self._eos}) if output_token_ids else list(range(vocab))
+        self.hparams["output_token_ids"] = ids if output_token_ids else None
+        self.register_buffer("out_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        position = torch.full((vocab,), -1, dtype=torch.long)
+        position[self.out_ids] = torch.arange(len(ids))
+        self.register_buffer("out_position", position, persistent=False)
         self.copy_query = nn.Linear(d_model, d_model, bias=False)
         self.copy_key = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Linear(2 * d_model, 1)
@@ -145,26 +155,26 @@ class CopyBart(Generator):
     def _encode(self, inputs):
         return self.bart.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
 
-    def _mixture_logprobs(self, inputs, enc, decoder_input_ids) -> torch.Tensor:
-        """[N, t, V] log of p_gen * softmax(vocab) + (1 - p_gen) * copy attention scattered onto token ids."""
+    def _heads(self, inputs, enc, decoder_input_ids):
+        """Decoder states -> (vocab logits [N,t,V], copy attention [N,t,S], p_gen [N,t,1])."""
         dec = self.bart.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
                                 encoder_attention_mask=inputs["attention_mask"]).last_hidden_state
-        vocab_logits = F.linear(dec, self.bart.shared.weight)
+        return self._heads_from_states(inputs, enc, dec)
+
+    def _heads_from_states(self, inputs, enc, dec):
+        vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
         scores = self.copy_query(dec) @ self.copy_key(enc).transpose(1, 2) / math.sqrt(dec.size(-1))
-        src_mask = inputs["attention_mask"].bool().unsqueeze(1)
-        # never copy special tokens ([CLS]/[SEP]/[PAD])
-        special = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-        for tid in (self._bos, self._eos, self.tokenizer.pad_token_id):
-            special |= inputs["input_ids"].eq(tid)
-        src_mask = src_mask & ~special.unsqueeze(1)
-        scores = scores.masked_fill(~src_mask, float("-inf"))
-        attn = torch.softmax(scores, dim=-1)                                  # [N, t, S]
-        context = attn @ enc
-        p_gen = torch.sigmoid(self.gate(torch.cat([dec, context], -1)))       # [N, t, 1]
-        copy_probs = torch.zeros_like(vocab_logits).scatter_add_(
-            -1, inputs["input_ids"].unsqueeze(1).expand(-1, dec.size(1), -1), attn)
-        probs = p_gen * torch.softmax(vocab_logits, -1) + (1 - p_gen) * copy_probs
-        return torch.log(probs.clamp_min(1e-12))
+        # never copy padding or the special tokens ([CLS]/[SEP])
+        ids = inputs["input_ids"]
+        copyable = inputs["attention_mask"].bool() & ids.ne(self._bos) & ids.ne(self._eos)
+        scores = scores.masked_fill(~copyable.unsqueeze(1), float("-inf"))
+        attn = torch.softmax(scores, dim=-1)
+        p_gen = torch.sigmoid(self.gate(torch.cat([dec, attn @ enc], -1)))
+        return vocab_logits, attn, p_gen
+
+    @staticmethod
+    def _mix(vocab_prob, copy_prob, p_gen):
+        return torch.log((p_gen * vocab_prob + (1 - p_gen) * copy_prob).clamp_min(1e-12))
 
     def _shift_right(self, labels):
         start = torch.full((labels.size(0), 1), self._bos, dtype=labels.dtype, device=labels.device)
@@ -173,8 +183,15 @@ class CopyBart(Generator):
 
     def token_logprobs(self, inputs, labels):
         enc = self._encode(inputs)
-        logp = self._mixture_logprobs(inputs, enc, self._shift_right(labels))
-        out = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        vocab_logits, attn, p_gen = self._heads(inputs, enc, self._shift_right(labels))
+        target = labels.clamp_min(0)
+        # only the target tokens' probabilities: no [N, T, V] copy distribution is materialised
+        position = self.out_position[target].unsqueeze(-1)                                        # [N, T, 1]
+        vocab_prob = torch.softmax(vocab_logits, -1).gather(-1, position.clamp_min(0))
+        vocab_prob = vocab_prob.masked_fill(position.lt(0), 0.0)                                  # copy-only token
+        same = inputs["input_ids"].unsqueeze(1).eq(target.unsqueeze(-1)).to(attn.dtype)           # [N, T, S]
+        copy_prob = (attn * same).sum(-1, keepdim=True)
+        out = self._mix(vocab_prob, copy_prob, p_gen).squeeze(-1)
         return out.masked_fill(labels.eq(self.tokenizer.pad_token_id) | labels.eq(-100), 0.0)
 
     def start_decoding(self, inputs):
@@ -182,7 +199,14 @@ class CopyBart(Generator):
                 "enc": self._encode(inputs)}
 
     def decode_step(self, state, prefix):
-        return self._mixture_logprobs(state, state["enc"], prefix)[:, -1]
+        enc = state["enc"]
+        dec = self.bart.decoder(input_ids=prefix, encoder_hidden_states=enc,
+                                encoder_attention_mask=state["attention_mask"]).last_hidden_state[:, -1:]
+        vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec)
+        n, vocab = dec.size(0), len(self.out_position)
+        vocab_prob = dec.new_zeros(n, 1, vocab).index_copy_(-1, self.out_ids, torch.softmax(vocab_logits, -1))
+        copy_prob = dec.new_zeros(n, 1, vocab).scatter_add_(-1, state["input_ids"].unsqueeze(1), attn)
+        return self._mix(vocab_prob, copy_prob, p_gen)[:, -1]
 
     def save(self, out_dir):
         from safetensors.torch import save_file
@@ -265,10 +289,21 @@ class HFSeq2SeqGenerator(Generator):
                                                             "max_target_length": self.max_target_length}))
 
 
-def build_generator(cfg) -> Generator:
-    """From a `GeneratorConfig`."""
+def answer_token_ids(tokenizer, answers: list[str], max_size: int) -> list[int]:
+    """The `max_size` most frequent token ids of the answers: copy-bart's vocabulary head."""
+    from collections import Counter
+
+    counts = Counter(t for a in answers for t in tokenizer(a, add_special_tokens=False)["input_ids"])
+    return [t for t, _ in counts.most_common(max_size)]
+
+
+def build_generator(cfg, train_answers: list[str] | None = None) -> Generator:
+    """From a `GeneratorConfig`; copy-bart's vocabulary head is built from the training answers when given."""
     if cfg.kind == "copy-bart":
-        return CopyBart(tokenizer=cfg.tokenizer, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+        out_ids = None
+        if train_answers and cfg.output_vocab_size:
+            out_ids = answer_token_ids(_load_tokenizer(cfg.tokenizer), train_answers, cfg.output_vocab_size)
+        return CopyBart(output_token_ids=out_ids, tokenizer=cfg.tokenizer, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
                         decoder_layers=cfg.decoder_layers, attention_heads=cfg.attention_heads,
                         ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, max_source_length=cfg.max_source_length,
                         max_target_length=cfg.max_target_length)
