@@ -267,6 +267,17 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         raise
 
 
+def check_model_paths(cfg: Config) -> None:
+    """Fail fast, before any output exists, on a model path that is not there."""
+    from pipeline.models.retriever import resolve_encoder_path
+
+    resolve_encoder_path(cfg.retriever.encoder)
+    if cfg.generator.kind != "copy-bart":
+        resolve_encoder_path(cfg.generator.name_or_path)
+    else:
+        resolve_encoder_path(cfg.generator.tokenizer)
+
+
 def _fmt(m: dict) -> str:
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"
@@ -330,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(cfg.data, key):
                 raise ConfigError(f"data.{key}: required (--{key.replace('_', '-')} or the config)")
         output_dir = Path(cfg.output_dir)
+        check_model_paths(cfg)                      # before anything is written
         train_rows = read_qa(cfg.data.train_qa)
         eval_rows = read_qa(cfg.data.eval_qa)
         dev_rows = read_qa(cfg.data.dev_qa) if cfg.data.dev_qa else None

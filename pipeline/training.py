@@ -94,13 +94,16 @@ class RagTrainer:
             "grad_norm/generator": _grad_norm(self.generator_params),
             "grad_norm/retriever": 0.0 if frozen else _grad_norm(self.retriever_params),
         }
-        params = self.generator_params + ([] if frozen else self.retriever_params)
         if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            # per module: the retriever's gradient is often 10x the generator's, and one joint clip would
+            # shrink the generator's updates by as much
+            torch.nn.utils.clip_grad_norm_(self.generator_params, self.cfg.grad_clip)
+            if not frozen:
+                torch.nn.utils.clip_grad_norm_(self.retriever_params, self.cfg.grad_clip)
+        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}   # the rates this step used
         self.optimizer.step()
         self.scheduler.step()
         self.step_num += 1
-        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
         return {"loss": float(out.loss.detach()), **out.diagnostics, **grad_norms, **lrs,
                 "retriever_frozen": float(frozen), "step_seconds": time.time() - start}
 

@@ -1,0 +1,150 @@
+"""The copy generator, the RagModel glue and decoding, on the real MiniLM and a tiny real index (no Ray)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import GeneratorConfig
+from pipeline.decoding import beam_search, rag_sequence_decode, rag_token_decode
+from pipeline.estimators import build_estimator
+from pipeline.index import load_index, passage_text, write_index_version
+from pipeline.models.generator import build_generator, load_generator
+from pipeline.models.retriever import TextEncoder, encoder_fingerprint
+from pipeline.rag import RagModel
+
+PASSAGES = [
+    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
+    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
+    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
+    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
+]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder()
+
+
+@pytest.fixture(scope="module")
+def model(encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    texts = [passage_text(p["title"], p["text"]) for p in PASSAGES]
+    emb = encoder.encode(texts).numpy()
+    write_index_version(root, emb, [p["id"] for p in PASSAGES], "flat", encoder_name="minilm",
+                        encoder_fingerprint=encoder_fingerprint("minilm"), corpus_fingerprint="x",
+                        titles=[p["title"] for p in PASSAGES], texts=[p["text"] for p in PASSAGES])
+    torch.manual_seed(0)
+    gen = build_generator(GeneratorConfig(dropout=0.0), ["Meridale", "Quendle Guild", "zumbrel", "Ashvane"])
+    return RagModel(encoder, gen, load_index(root), tau=0.05).eval()
+
+
+def test_copy_head_prefers_passages_that_contain_the_answer_from_the_start(model):
+    gen = model.generator
+    q = "Where was Varnel Ostrik born?"
+    inputs = gen.encode_inputs([q] * 4, [p["text"] for p in PASSAGES])
+    labels, mask = gen.encode_targets(["Meridale"] * 4)
+    with torch.no_grad():
+        seq = (gen.token_logprobs(inputs, labels) * mask).sum(-1)
+    print(seq)
+    assert int(seq.argmax()) == 0
+    assert float(seq[0] - seq[1:].max()) > 3.0       # nats: a signal the retriever can follow
+
+
+def test_token_logprobs_equal_stepwise_decoding(model):
+    gen = model.generator
+    inputs = gen.encode_inputs(["Who employed Varnel Ostrik?"] * 2, [PASSAGES[1]["text"], PASSAGES[2]["text"]])
+    labels, mask = gen.encode_targets(["Quendle Guild", "zumbrel"])
+    with torch.no_grad():
+        full = gen.token_logprobs(inputs, labels)
+        state = gen.start_decoding(inputs)
+        prefix = torch.full((2, 1), gen.start_token_id)
+        for t in range(labels.size(1)):
+            step = gen.decode_step(state, prefix).gather(1, labels[:, t:t + 1]).squeeze(1)
+            assert torch.allclose(step * mask[:, t], full[:, t], atol=1e-5)
+            prefix = torch.cat([prefix, labels[:, t:t + 1]], 1)
+
+
+def test_decode_step_is_a_distribution(model):
+    gen = model.generator
+    inputs = gen.encode_inputs(["Where was Varnel Ostrik born?"], [PASSAGES[0]["text"]])
+    with torch.no_grad():
+        logp = gen.decode_step(gen.start_decoding(inputs), torch.full((1, 1), gen.start_token_id))
+    assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_generator_save_load_round_trip(model, tmp_path):
+    gen = model.generator
+    gen.save(tmp_path / "g")
+    again = load_generator(tmp_path / "g").eval()
+    inputs = gen.encode_inputs(["Where was Varnel Ostrik born?"], [PASSAGES[0]["text"]])
+    labels, _ = gen.encode_targets(["Meridale"])
+    with torch.no_grad():
+        assert torch.allclose(gen.token_logprobs(inputs, labels), again.token_logprobs(inputs, labels), atol=1e-6)
+
+
+def test_beam_search_finds_the_best_sequence_by_brute_force():
+    torch.manual_seed(1)
+    vocab, length, eos, start = 4, 3, 3, 0
+    table = torch.log_softmax(torch.randn(vocab ** length, vocab), -1)   # next-token table keyed by prefix
+
+    def key(prefix_row):
+        k = 0
+        for tok in prefix_row[1:].tolist():
+            k = k * vocab + tok
+        return k
+
+    def step(prefix):
+        return torch.stack([table[key(row) % table.size(0)] for row in prefix])
+
+    best = beam_search(step, 1, start, eos, pad_id=2, num_beams=16, max_len=length)[0][0]
+    # brute force over all sequences of length <= 3 ending in eos, or of length 3
+    scores = {}
+    for n in range(1, length + 1):
+        for seq in itertools.product(range(vocab), repeat=n):
+            if 2 in seq or (eos in seq[:-1]) or (n < length and seq[-1] != eos):
+                continue
+            prefix, total = torch.tensor([[start]]), 0.0
+            for tok in seq:
+                total += float(step(prefix)[0, tok])
+                prefix = torch.cat([prefix, torch.tensor([[tok]])], 1)
+            scores[tuple(t for t in seq if t != eos)] = max(total, scores.get(tuple(t for t in seq if t != eos), -1e9))
+    target = max(scores, key=scores.get)
+    assert tuple(best[0]) == target and best[1] == pytest.approx(scores[target], abs=1e-4)
+
+
+@pytest.mark.parametrize("thorough", [False, True])
+def test_rag_sequence_decode_returns_answer_score_and_passages(model, thorough):
+    out = rag_sequence_decode(model, ["Where was Varnel Ostrik born?", "What does Kela Dorn play?"], k=3,
+                              num_beams=2, thorough=thorough)
+    assert len(out) == 2
+    for d in out:
+        assert isinstance(d.answer, str) and d.score <= 0.0
+        assert len(d.passages) == 3
+        assert sum(p["probability"] for p in d.passages) == pytest.approx(1.0, abs=1e-4)
+        assert sum(p["posterior"] for p in d.passages) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rag_token_decode(model):
+    out = rag_token_decode(model, ["Where was Varnel Ostrik born?"], k=3, num_beams=3)
+    assert len(out) == 1 and len(out[0].passages) == 3 and out[0].score <= 0.0
+
+
+@pytest.mark.parametrize("name", ["rag-sequence", "rag-token"])
+def test_estimator_loss_backpropagates_into_retriever_and_generator(model, name):
+    model.train()
+    est = build_estimator(name, k=3)
+    out = est.loss(model, ["Where was Varnel Ostrik born?"], ["Meridale"])
+    model.zero_grad()
+    out.loss.backward()
+    assert out.loss.item() > 0 and "posterior_entropy" in out.diagnostics
+    q_grad = sum(p.grad.abs().sum() for p in model.query_encoder.parameters() if p.grad is not None)
+    g_grad = sum(p.grad.abs().sum() for p in model.generator.parameters() if p.grad is not None)
+    assert q_grad > 0 and g_grad > 0
+    model.zero_grad()
+    model.eval()
+
+
+def test_unknown_estimator_is_refused():
+    with pytest.raises(ValueError, match="unknown estimator 'nope'"):
+        build_estimator("nope")
