@@ -116,6 +116,11 @@ class CopyBart(Generator):
         self.register_buffer("out_position", position, persistent=False)
         self.copy_query = nn.Linear(d_model, d_model, bias=False)
         self.copy_key = nn.Linear(d_model, d_model, bias=False)
+        # The key of source position i also sees the token before it (the cue words in front of an answer),
+        # and a learnt bonus favours position i when token i-1 is the token just emitted: copying a multi-token
+        # span then needs no learnt positional attention (an induction-head shortcut).
+        self.copy_prev_key = nn.Linear(d_model, d_model, bias=False)
+        self.span_bias = nn.Parameter(torch.tensor(3.0))
         self.gate = nn.Linear(2 * d_model, 1)
         # Start by preferring the copy distribution: answers are mostly spans of the passage.
         nn.init.zeros_(self.gate.weight)
@@ -123,6 +128,7 @@ class CopyBart(Generator):
         # Small copy logits at init: near-uniform attention over the source.
         nn.init.normal_(self.copy_query.weight, std=0.02)
         nn.init.normal_(self.copy_key.weight, std=0.02)
+        nn.init.normal_(self.copy_prev_key.weight, std=0.02)
 
     @property
     def eos_token_id(self) -> int:
@@ -159,13 +165,19 @@ class CopyBart(Generator):
         """Decoder states -> (vocab logits [N,t,V], copy attention [N,t,S], p_gen [N,t,1])."""
         dec = self.bart.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
                                 encoder_attention_mask=inputs["attention_mask"]).last_hidden_state
-        return self._heads_from_states(inputs, enc, dec)
+        return self._heads_from_states(inputs, enc, dec, decoder_input_ids)
 
-    def _heads_from_states(self, inputs, enc, dec):
-        vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
-        scores = self.copy_query(dec) @ self.copy_key(enc).transpose(1, 2) / math.sqrt(dec.size(-1))
-        # never copy padding or the special tokens ([CLS]/[SEP])
+    def _heads_from_states(self, inputs, enc, dec, previous_tokens):
+        """`previous_tokens` [N, t]: the token fed to the decoder at each position (the last one emitted)."""
         ids = inputs["input_ids"]
+        vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
+        before = torch.cat([torch.full_like(ids[:, :1], self.tokenizer.pad_token_id), ids[:, :-1]], 1)
+        keys = self.copy_key(enc) + self.copy_prev_key(self.bart.shared(before))
+        scores = self.copy_query(dec) @ keys.transpose(1, 2) / math.sqrt(dec.size(-1))
+        emitted = previous_tokens.unsqueeze(-1)                                         # [N, t, 1]
+        continues = before.unsqueeze(1).eq(emitted) & emitted.ne(self._bos) & emitted.ne(self.tokenizer.pad_token_id)
+        scores = scores + self.span_bias * continues.to(scores.dtype)
+        # never copy padding or the special tokens ([CLS]/[SEP])
         copyable = inputs["attention_mask"].bool() & ids.ne(self._bos) & ids.ne(self._eos)
         scores = scores.masked_fill(~copyable.unsqueeze(1), float("-inf"))
         attn = torch.softmax(scores, dim=-1)
@@ -202,7 +214,7 @@ class CopyBart(Generator):
         enc = state["enc"]
         dec = self.bart.decoder(input_ids=prefix, encoder_hidden_states=enc,
                                 encoder_attention_mask=state["attention_mask"]).last_hidden_state[:, -1:]
-        vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec)
+        vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec, prefix[:, -1:])
         n, vocab = dec.size(0), len(self.out_position)
         vocab_prob = dec.new_zeros(n, 1, vocab).index_copy_(-1, self.out_ids, torch.softmax(vocab_logits, -1))
         copy_prob = dec.new_zeros(n, 1, vocab).scatter_add_(-1, state["input_ids"].unsqueeze(1), attn)
@@ -324,7 +336,11 @@ def load_generator(path) -> Generator:
 
         meta["tokenizer"] = str(path / "tokenizer")
         gen = CopyBart(**meta)
-        gen.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        missing, unexpected = gen.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        tied = {"bart.encoder.embed_tokens.weight", "bart.decoder.embed_tokens.weight", "bart.shared.weight"}
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{path}: generator weights do not fit its config "
+                             f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
         gen.bart.decoder.embed_tokens.weight = gen.bart.shared.weight
         gen.bart.encoder.embed_tokens.weight = gen.bart.shared.weight
         return gen
