@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         start, _ = evaluate(model, test, k=cfg.eval.k, estimator=name)
         curve.append({"step": 0, **{k: start[k] for k in KEYS}})
         print(f"{name:>14} step    0  " + "  ".join(f"{k} {start[k]:.3f}" for k in KEYS), flush=True)
-        trainer = RagTrainer(model, build_estimator(name, k=cfg.train.k), kb.train, cfg.train, cfg.retriever.lr,
+        trainer = RagTrainer(model, build_estimator(name, k=cfg.train.k, cfg=cfg.estimator), kb.train, cfg.train,
+                             cfg.retriever.lr,
                              cfg.generator.lr)
         t0 = time.time()
         while trainer.step_num < steps:

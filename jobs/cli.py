@@ -11,6 +11,8 @@ COMMANDS = {
     "index": ("jobs.index", "encode passages and build a versioned FAISS index"),
     "train": ("jobs.train", "train retriever and generator together with Ray Train"),
     "eval": ("jobs.eval", "evaluate a checkpoint on QA pairs"),
+    "serve": ("jobs.serve", "serve a checkpoint over HTTP with Ray Serve (answer, stream, retrieve, reload)"),
+    "tune": ("jobs.tune", "sweep retriever and generator learning rates with Ray Tune (ASHA)"),
 }
 
 

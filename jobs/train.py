@@ -33,10 +33,20 @@ def build_model(cfg: Config, index, train_rows: list[dict] | None = None):
     from pipeline.models.retriever import TextEncoder
     from pipeline.rag import RagModel
 
+    from pipeline.estimators import REGISTRY
+
+    if cfg.train.strategy == "independent" and train_rows is not None:   # fail before any training starts
+        from pipeline.estimators.independent import require_context_labels
+
+        require_context_labels(train_rows, f"data.train_qa ({cfg.data.train_qa})" if cfg.data.train_qa
+                               else "the training questions")
     encoder = TextEncoder(cfg.retriever.encoder, pooling=cfg.retriever.pooling, normalize=cfg.retriever.normalize,
                           max_length=cfg.retriever.max_length)
     answers = [a for r in train_rows for a in r["answers"]] if train_rows else None
-    return RagModel(encoder, build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
+    model = RagModel(encoder, build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
+    if REGISTRY[cfg.train.estimator].needs_posterior and cfg.train.strategy != "independent":
+        model.add_posterior_encoder()            # q(z|x,y), initialised from the prior's weights
+    return model
 
 
 def _log(msg: str) -> None:
@@ -78,10 +88,12 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model = build_model(cfg, load_index(config["index_dir"]), config["train_rows"])
 
-    estimator = build_estimator(cfg.train.estimator, k=cfg.train.k)
+    estimator = build_estimator(cfg.train.estimator, k=cfg.train.k, cfg=cfg.estimator)
     rows = config["train_rows"]
     trainer = RagTrainer(model, estimator, rows, cfg.train, cfg.retriever.lr if cfg.retriever.train_query_encoder
-                         else 0.0, cfg.generator.lr, rank=rank, world_size=world)
+                         else 0.0, cfg.generator.lr, rank=rank, world_size=world,
+                         data_source=f"data.train_qa ({cfg.data.train_qa})" if cfg.data.train_qa
+                         else "the synthetic training questions")
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         if rank == 0:
@@ -98,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
         step = trainer.step_num
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
             rate = steps_since / max(time.time() - t0, 1e-9)
-            phase = "generator warm-up (retriever frozen)" if metrics["retriever_frozen"] else "joint"
+            phase = trainer.phase()
             _log(f"[train] step {step}/{total}  loss {sum(window_loss) / len(window_loss):.3f}  "
                  f"{rate:.2f} steps/s  {rate * cfg.train.batch_size * world:.1f} ex/s  {phase}")
             if tracker:
@@ -216,7 +228,9 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
             run_config=RunConfig(
-                name="train", storage_path=str(storage),
+                # a fresh name per run: Ray Train restores a same-named run from its last checkpoint, which must
+                # only happen after a worker failure inside this run (`--resume` uses OUTPUT_DIR/checkpoint)
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{tracker.run_id[:8]}", storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=2),
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=2,
@@ -315,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-qa", help="training questions (jsonl/json/parquet/csv): question, answers[] or answer")
     p.add_argument("--eval-qa", help="held-out questions for the final (and untrained) evaluation")
     p.add_argument("--dev-qa", help="questions for periodic evaluation during training (train.eval_every)")
-    p.add_argument("--estimator", help="rag-sequence | rag-token (overrides train.estimator)")
+    p.add_argument("--estimator", help="rag-sequence | rag-token | vrag | jsa | dro | pdist | emdr2 | replug-lsr "
+                                        "(overrides train.estimator; settings in the estimator: section)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
     p.add_argument("--output-dir", help="where checkpoints, metrics.json and the MLflow database go")
     p.add_argument("--config", help="YAML config (see configs/demo.yaml); flags and --set override it")

@@ -3,6 +3,8 @@
     rag.json             tau, estimator, step, index directory and version, encoder fingerprint of the index
     config.yaml          the full resolved run config
     query_encoder/       Hugging Face encoder + tokenizer (safetensors)
+    posterior_encoder/   the posterior retriever q(z|x,y) of vrag / jsa (same format; absent for other estimators
+                         and in older checkpoints, which load as before)
     generator/           generator weights (safetensors) + its config + tokenizer
     trainer_state.pt     optimizer, schedulers, estimator state (such as JSA caches), RNG, data position
 
@@ -32,6 +34,8 @@ def save_checkpoint(out_dir: str | Path, model: RagModel, cfg: Config, step: int
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_encoder(model.query_encoder, tmp / "query_encoder")
+    if getattr(model, "posterior_encoder", None) is not None:
+        save_encoder(model.posterior_encoder, tmp / "posterior_encoder")
     model.generator.save(tmp / "generator")
     save_config(cfg, tmp / "config.yaml")
     meta = {"tau": model.tau, "step": step, "estimator": cfg.train.estimator,
@@ -63,7 +67,9 @@ def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tu
     cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     index = load_index(index_dir or meta["index_dir"],
                        expected_encoder_fingerprint=meta.get("index_encoder_fingerprint") if index_dir is None else None)
-    model = RagModel(load_encoder(path / "query_encoder"), load_generator(path / "generator"), index, tau=meta["tau"])
+    posterior = load_encoder(path / "posterior_encoder") if (path / "posterior_encoder").is_dir() else None
+    model = RagModel(load_encoder(path / "query_encoder"), load_generator(path / "generator"), index, tau=meta["tau"],
+                     posterior_encoder=posterior)
     return model, cfg, meta
 
 

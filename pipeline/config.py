@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
-ESTIMATORS = ("rag-sequence", "rag-token")
-STRATEGIES = ("joint", "two-phase")
+# Kept in sync with pipeline.estimators.REGISTRY by tests/pipeline/test_estimators.py (a tuple here, not an
+# import: pipeline.estimators imports this module).
+ESTIMATORS = ("rag-sequence", "rag-token", "vrag", "jsa", "dro", "pdist", "emdr2", "replug-lsr")
+STRATEGIES = ("joint", "two-phase", "independent")
 
 
 class ConfigError(ValueError):
@@ -71,7 +73,10 @@ class IndexConfig:
 @dataclass
 class TrainConfig:
     estimator: str = "rag-sequence"
-    strategy: str = "joint"
+    strategy: str = "joint"            # joint | two-phase | independent (Lawton et al. 2025)
+    two_phase_split: float = 0.5       # two-phase: fraction of max_steps in phase 1 (generator, retriever frozen)
+    independent_hard_negatives: int = 4     # independent: top retrieved non-gold passages per question
+    independent_temperature: float = 0.05   # independent: InfoNCE temperature over cosine scores
     k: int = 5                         # passages per question in the marginal
     batch_size: int = 16
     max_steps: int = 300
@@ -88,6 +93,18 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 2
     torch_threads: int = 2
+
+
+@dataclass
+class EstimatorConfig:
+    """Hyperparameters of the estimators; `train.estimator` selects which one runs."""
+    vrag_beta: float = 1.0             # vrag: weight of KL(q || p) in the ELBO
+    jsa_num_proposals: int = 20        # jsa: Metropolis independence sampler steps (proposals) per example
+    jsa_likelihood: str = "exact"      # jsa: exact | normalized (per-token mean log-likelihood in the ratio)
+    jsa_cache: bool = True             # jsa: start each chain from the example's last accepted passage
+    dro_num_lists: int = 5             # dro: n ordered lists sampled per example
+    dro_list_length: int = 2           # dro: passages per list (the generator reads them concatenated)
+    distill_temperature: float = 1.0   # pdist / replug-lsr: target = softmax(generator score / temperature)
 
 
 @dataclass
@@ -112,6 +129,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     output_dir: str = "runs/train"
@@ -148,6 +166,28 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         if self.retriever.tau <= 0:
             raise ConfigError(f"retriever.tau: must be > 0, got {self.retriever.tau}")
+        e = self.estimator
+        if e.jsa_likelihood not in ("exact", "normalized"):
+            raise ConfigError(f"estimator.jsa_likelihood: {e.jsa_likelihood!r}; choose exact or normalized")
+        for key, value in (("estimator.jsa_num_proposals", e.jsa_num_proposals),
+                           ("estimator.dro_num_lists", e.dro_num_lists),
+                           ("estimator.dro_list_length", e.dro_list_length)):
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if e.dro_list_length > self.train.k:
+            raise ConfigError(f"estimator.dro_list_length: {e.dro_list_length} > train.k={self.train.k} "
+                              "(lists are drawn from the top-k candidates)")
+        for key, value in (("estimator.vrag_beta", e.vrag_beta),):
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
+        for key, value in (("estimator.distill_temperature", e.distill_temperature),
+                           ("train.independent_temperature", self.train.independent_temperature)):
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        if not 0.0 < self.train.two_phase_split < 1.0:
+            raise ConfigError(f"train.two_phase_split: must be in (0, 1), got {self.train.two_phase_split}")
+        if self.train.independent_hard_negatives < 0:
+            raise ConfigError("train.independent_hard_negatives: must be >= 0")
         return self
 
 

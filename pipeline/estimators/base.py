@@ -3,6 +3,13 @@
 An estimator turns one batch of questions and answers into a differentiable loss, given a `RagModel` that can
 retrieve candidates, score them with gradient (p(z|x)) and score answers under each passage (p(y|x,z)).
 It also returns diagnostics (floats) that are logged every step.
+
+    est = build_estimator("jsa", k=5, cfg=EstimatorConfig(...))
+    est.prepare(model)                      # adds what the estimator needs (the posterior encoder for vrag/jsa)
+    out = est.loss(model, questions, answers[, rows=batch_rows])   # rows only when est.needs_rows
+
+`needs_posterior`: the estimator trains q(z|x,y) (`model.posterior_encoder`).
+`needs_rows`: `loss` also takes the batch's QA rows (ids, gold_passage_ids), e.g. JSA's per-example cache.
 """
 from __future__ import annotations
 
@@ -19,11 +26,21 @@ class EstimatorOutput:
 
 class Estimator:
     name: str = ""
+    needs_posterior: bool = False
+    needs_rows: bool = False
 
-    def __init__(self, k: int = 5):
+    def __init__(self, k: int = 5, cfg=None):
+        from pipeline.config import EstimatorConfig
+
         self.k = k
+        self.cfg = cfg if cfg is not None else EstimatorConfig()
 
-    def loss(self, model, questions: list[str], answers: list[str]) -> EstimatorOutput:
+    def prepare(self, model) -> None:
+        """Called once before training: give the model the modules this estimator trains."""
+        if self.needs_posterior:
+            model.add_posterior_encoder()
+
+    def loss(self, model, questions: list[str], answers: list[str], rows: list[dict] | None = None) -> EstimatorOutput:
         raise NotImplementedError
 
     # estimators with per-example state (JSA's caches) override these; the state goes into checkpoints
@@ -35,4 +52,19 @@ class Estimator:
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    return -(logprobs.exp() * logprobs).sum(-1)
+    p = logprobs.exp()
+    return -(p * logprobs.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """log-softmax over the entries where mask is True (the others get -inf)."""
+    if mask is None:
+        return torch.log_softmax(scores, -1)
+    return torch.log_softmax(scores.masked_fill(~mask, float("-inf")), -1)
+
+
+def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """Sum (or per-token mean) of target log-probs over the last dimension."""
+    m = mask.to(token_lp.dtype)
+    total = (token_lp * m).sum(-1)
+    return total / m.sum(-1).clamp_min(1.0) if normalized else total

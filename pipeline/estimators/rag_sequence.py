@@ -11,7 +11,7 @@ class RagSequence(Estimator):
     name = "rag-sequence"
     marginal = staticmethod(rag_sequence_nll)
 
-    def loss(self, model, questions, answers):
+    def loss(self, model, questions, answers, rows=None):
         cand = model.retrieve(questions, self.k)                       # no-grad top-K from the index
         doc_logprobs = torch.log_softmax(model.doc_scores(questions, cand), dim=-1)   # [B, K], grad -> retriever
         token_lp, mask = model.answer_token_logprobs(questions, cand, answers)        # [B, K, T], grad -> generator

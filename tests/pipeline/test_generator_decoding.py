@@ -130,19 +130,51 @@ def test_rag_token_decode(model):
     assert len(out) == 1 and len(out[0].passages) == 3 and out[0].score <= 0.0
 
 
-@pytest.mark.parametrize("name", ["rag-sequence", "rag-token"])
+@pytest.mark.parametrize("name", ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "pdist", "emdr2", "replug-lsr"])
 def test_estimator_loss_backpropagates_into_retriever_and_generator(model, name):
+    from pipeline.config import EstimatorConfig
+
     model.train()
-    est = build_estimator(name, k=3)
+    est = build_estimator(name, k=3, cfg=EstimatorConfig(jsa_num_proposals=4, dro_num_lists=3))
+    est.prepare(model)
     out = est.loss(model, ["Where was Varnel Ostrik born?"], ["Meridale"])
     model.zero_grad()
     out.loss.backward()
-    assert out.loss.item() > 0 and "posterior_entropy" in out.diagnostics
+    assert torch.isfinite(out.loss) and "nll" in out.diagnostics
     q_grad = sum(p.grad.abs().sum() for p in model.query_encoder.parameters() if p.grad is not None)
     g_grad = sum(p.grad.abs().sum() for p in model.generator.parameters() if p.grad is not None)
     assert q_grad > 0 and g_grad > 0
+    if est.needs_posterior:
+        assert sum(p.grad.abs().sum() for p in model.posterior_encoder.parameters() if p.grad is not None) > 0
+        assert "acceptance_rate" in out.diagnostics or "kl" in out.diagnostics
     model.zero_grad()
+    model.posterior_encoder = None
     model.eval()
+
+
+def test_posterior_encoder_starts_as_the_prior_and_round_trips_through_checkpoints(model, tmp_path):
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.config import Config
+    from pipeline.rag import posterior_query
+
+    save_checkpoint(tmp_path / "old", model, Config(), step=1)          # no posterior: loads as before
+    plain, _, _ = load_checkpoint(tmp_path / "old")
+    assert plain.posterior_encoder is None and not (tmp_path / "old" / "posterior_encoder").exists()
+    post = model.add_posterior_encoder()
+    try:
+        text = [posterior_query("Where was Varnel Ostrik born?", "Meridale")]
+        with torch.no_grad():
+            assert torch.allclose(post(text), model.query_encoder(text))          # initialised from the prior
+            next(post.parameters()).add_(0.01)                                    # now it differs
+            cfg = Config()
+            cfg.train.estimator = "jsa"
+            save_checkpoint(tmp_path / "new", model, cfg, step=2)
+            again, _, _ = load_checkpoint(tmp_path / "new")
+            assert again.posterior_encoder is not None
+            assert torch.allclose(again.posterior_encoder(text), post(text), atol=1e-6)
+            assert not torch.allclose(again.posterior_encoder(text), again.query_encoder(text))
+    finally:
+        model.posterior_encoder = None
 
 
 def test_unknown_estimator_is_refused():

@@ -1,0 +1,216 @@
+"""Serving benchmark: p50/p99 latency and requests/s of POST /v1/answer at 1, 8 and 32 concurrent clients, with
+dynamic batching (@serve.batch) against one request at a time (max_batch_size = 1), on 127.0.0.1.
+
+    python benchmarks/serve_bench.py                                   # demo checkpoint if present, else a demo-sized
+    python benchmarks/serve_bench.py --checkpoint runs/demo/checkpoint  # untrained model (same sizes, same speed)
+
+Load is bounded: every client sends `--requests-per-client` requests back to back (after a warm-up), so a level
+sends clients x requests in all. Prints a table and writes benchmarks/results/serve_bench.json.
+Target (DESIGN.md): batched >= 4x the throughput of max_batch_size=1 at 32 clients, zero errors.
+Not measured yet: Hugging Face RagSequenceForGeneration.generate one request at a time at the same sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_demo_sized_checkpoint(out: Path, num_entities: int, seed: int = 0) -> tuple[Path, list[str]]:
+    """The demo's model sizes (MiniLM query encoder, default copy-bart) over the synthetic knowledge base, untrained.
+    Index vectors are random unit vectors (retrieval quality does not change serving speed; encoding the corpus
+    would cost minutes on 2 cores)."""
+    import numpy as np
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import Config
+    from pipeline.index import load_index, write_index_version
+    from pipeline.models.generator import build_generator
+    from pipeline.models.retriever import TextEncoder, encoder_fingerprint
+    from pipeline.rag import RagModel
+    from pipeline.synthetic import generate_knowledge_base
+
+    kb = generate_knowledge_base(seed=seed, num_entities=num_entities)
+    questions = [q["question"] for q in kb.test]
+    if (out / "checkpoint" / "rag.json").is_file():
+        return out / "checkpoint", questions
+    cfg = Config()
+    encoder = TextEncoder(cfg.retriever.encoder, pooling=cfg.retriever.pooling, normalize=cfg.retriever.normalize,
+                          max_length=cfg.retriever.max_length)
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((len(kb.passages), encoder.dim)).astype("float32")
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    v = write_index_version(out / "index", emb, [p["id"] for p in kb.passages], "flat", encoder_name="minilm",
+                            encoder_fingerprint=encoder_fingerprint(cfg.retriever.encoder), corpus_fingerprint="bench",
+                            titles=[p["title"] for p in kb.passages], texts=[p["text"] for p in kb.passages])
+    torch.manual_seed(seed)
+    gen = build_generator(cfg.generator, [a for q in kb.train for a in q["answers"]])
+    model = RagModel(encoder, gen, load_index(v), tau=cfg.retriever.tau)
+    return save_checkpoint(out / "checkpoint", model, cfg, step=0), questions
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_level(url: str, questions: list[str], clients: int, per_client: int, body: dict) -> dict:
+    import requests
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        s = requests.Session()
+        start_gate.wait()
+        for n in range(per_client):
+            q = questions[(i * per_client + n) % len(questions)]
+            t = time.perf_counter()
+            try:
+                r = s.post(url, json={**body, "question": q}, timeout=300)
+                ok = r.status_code == 200
+                err = None if ok else f"{r.status_code}: {r.text[:120]}"
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                ok, err = False, repr(exc)[:160]
+            dt = time.perf_counter() - t
+            with lock:
+                (latencies.append(dt) if ok else errors.append(err))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start_gate.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
+
+    return {"clients": clients, "requests": clients * per_client, "ok": len(lat), "errors": len(errors),
+            "error_samples": errors[:3], "wall_s": round(wall, 3), "req_per_s": round(len(lat) / wall, 2),
+            "p50_ms": round(pct(50) * 1000, 1), "p99_ms": round(pct(99) * 1000, 1),
+            "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint dir or MLflow URI (default: runs/demo/checkpoint if present, "
+                                        "else a demo-sized untrained model built under --work-dir)")
+    p.add_argument("--index")
+    p.add_argument("--work-dir", default="/tmp/latentrag-serve-bench")
+    p.add_argument("--num-entities", type=int, default=400, help="synthetic KB size for the built model")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1], help="Generator max_batch_size values")
+    p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--mode", default="rag-sequence", choices=["rag-sequence", "rag-token"])
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--generator-threads", type=int, default=2)
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serve_bench.json"))
+    args = p.parse_args(argv)
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    from pipeline.synthetic import generate_knowledge_base
+
+    if args.checkpoint is None and (ROOT / "runs/demo/checkpoint/rag.json").is_file():
+        args.checkpoint = str(ROOT / "runs/demo/checkpoint")
+    if args.checkpoint is None:
+        t = time.time()
+        ckpt, questions = build_demo_sized_checkpoint(work, args.num_entities)
+        print(f"[bench] built a demo-sized untrained checkpoint in {time.time() - t:.1f}s -> {ckpt}", flush=True)
+        args.checkpoint, model_note = str(ckpt), "demo-sized untrained (random index vectors)"
+    else:
+        questions = [q["question"] for q in generate_knowledge_base(num_entities=args.num_entities).test]
+        model_note = "given checkpoint"
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    load_before = os.getloadavg()
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/v1/answer"
+    body = {"mode": args.mode, "k": args.k, "num_beams": args.num_beams, "return_passages": False}
+    zero = {"ray_actor_options": {"num_cpus": 0}}
+    rows = []
+    try:
+        for mbs in args.batch_sizes:
+            app_args = {"checkpoint": args.checkpoint, "index": args.index, "max_batch_size": mbs,
+                        "batch_wait_timeout_s": args.batch_wait_s if mbs > 1 else 0.0,
+                        "retriever_max_batch_size": mbs, "retriever_batch_wait_timeout_s": 0.002 if mbs > 1 else 0.0,
+                        "generator_threads": args.generator_threads, "max_k": max(args.k, 5)}
+            opts = {"Ingress": {**zero, "max_ongoing_requests": 512, "max_queued_requests": -1},
+                    "Retriever": {**zero, "max_ongoing_requests": 128, "max_queued_requests": -1},
+                    "Generator": {**zero, "max_ongoing_requests": 128, "max_queued_requests": -1}}
+            t = time.time()
+            serve.run(build_app(app_args, opts), name="bench", route_prefix="/")
+            print(f"[bench] max_batch_size={mbs}: deployed in {time.time() - t:.1f}s", flush=True)
+            run_level(url, questions, min(8, max(args.clients)), 2, body)                       # warm-up
+            for c in args.clients:
+                r = run_level(url, questions, c, args.requests_per_client, body)
+                r["max_batch_size"] = mbs
+                rows.append(r)
+                print(f"[bench]   clients={c:>3}  {r['req_per_s']:>7.2f} req/s  p50 {r['p50_ms']:>8.1f} ms  "
+                      f"p99 {r['p99_ms']:>8.1f} ms  errors {r['errors']}", flush=True)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    by = {(r["max_batch_size"], r["clients"]): r for r in rows}
+    batched, single = max(args.batch_sizes), min(args.batch_sizes)
+    speedups = {c: round(by[(batched, c)]["req_per_s"] / by[(single, c)]["req_per_s"], 2)
+                for c in args.clients if (batched, c) in by and (single, c) in by and by[(single, c)]["req_per_s"]}
+    print()
+    print(f"{'max_batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'errors':>6}")
+    for r in rows:
+        print(f"{r['max_batch_size']:>9} {r['clients']:>7} {r['req_per_s']:>8.2f} {r['p50_ms']:>9.1f} "
+              f"{r['p99_ms']:>9.1f} {r['errors']:>6}")
+    for c, s in speedups.items():
+        print(f"throughput batched/one-at-a-time at {c} clients: {s}x")
+    total_errors = sum(r["errors"] for r in rows)
+    out = {"benchmark": "serve_bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before,
+                       "loadavg_after": os.getloadavg()},
+           "setup": {"checkpoint": args.checkpoint, "model": model_note, "mode": args.mode, "k": args.k,
+                     "num_beams": args.num_beams, "requests_per_client": args.requests_per_client,
+                     "batch_wait_timeout_s": args.batch_wait_s, "generator_threads": args.generator_threads},
+           "rows": rows, "speedup_at_clients": speedups, "errors": total_errors,
+           "target": "batched >= 4x one-at-a-time at 32 clients, zero errors",
+           "target_met": bool(speedups.get(32, 0) >= 4 and total_errors == 0) if 32 in speedups else None,
+           "not_measured": "HF RagSequenceForGeneration.generate one request at a time (future work)"}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=2))
+    print(f"results -> {args.output}")
+    return 0 if total_errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

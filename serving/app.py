@@ -1,0 +1,477 @@
+"""latentrag on Ray Serve: Retriever (query encoder + FAISS index) ▶ Generator (@serve.batch) ▶ FastAPI ingress.
+
+    serve run serving.app:app_builder checkpoint=/abs/path/to/checkpoint
+    serve deploy configs/serve.yaml
+    latentrag serve --checkpoint runs/demo/checkpoint [--config configs/serve.yaml]
+
+Versions and reloads. The ingress holds the active `ModelRef` (a checkpoint version + an index version). Every
+request captures it once and passes it to the Retriever and the Generator, whose replicas keep the last
+`keep_versions` versions loaded and load a missing one on demand (off the event loop). `POST /v1/admin/reload`
+resolves the new version, has both deployments load it while the old one keeps serving, then swaps the ingress's
+reference: requests already in flight finish on the old version, new ones use the new version, and nothing is down.
+The ingress must run one replica for this (it holds the reference); Retriever and Generator may autoscale (a replica
+that was not warmed loads the version on its first request). For a rolling replacement of every replica, redeploy
+with `serve deploy` instead.
+"""
+import asyncio
+import hmac
+import json
+import os
+import time
+from collections import OrderedDict, defaultdict
+from typing import Any, AsyncIterator, Dict
+
+import numpy as np
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from serving.loading import ModelRef, ServingLoadError, load_generator_part, load_retriever_part, resolve_model_ref
+from serving.schemas import (AnswerRequest, AnswerResponse, HealthResponse, Passage, ReloadRequest, ReloadResponse,
+                             RetrieveRequest, RetrieveResponse, ServeArgs)
+
+ADMIN_TOKEN_ENV = "LATENTRAG_ADMIN_TOKEN"
+DEPLOYMENT_NAMES = ("Ingress", "Retriever", "Generator")
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _unavailable_or_raise(exc: Exception) -> Exception:
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return HTTPException(503, "overloaded: too many queued requests, retry later",
+                             headers={"Retry-After": "1"})
+    return exc
+
+
+# --------------------------------------------------------------------------------------------- model cache
+class _VersionCache:
+    """The last `keep` loaded versions of one replica's share of the model, loaded one at a time in a thread."""
+
+    def __init__(self, loader, keep: int):
+        self._loader = loader
+        self._keep = max(1, keep)
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    async def get(self, ref: ModelRef):
+        model = self._models.get(ref.key)
+        if model is None:
+            async with self._lock:
+                model = self._models.get(ref.key)
+                if model is None:
+                    model = await asyncio.to_thread(self._loader, ref)
+                    self._models[ref.key] = model
+                    while len(self._models) > self._keep:
+                        self._models.popitem(last=False)   # in-flight users keep their own reference
+        self._models.move_to_end(ref.key)
+        return model
+
+    def keys(self) -> list[str]:
+        return list(self._models)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------- Retriever
+def _retrieve_group(model, items: list[dict]) -> list[dict]:
+    """One query-encoder pass and one index search for a group of questions (same model version)."""
+    import torch
+
+    from pipeline.index import passage_text
+
+    questions = [it["question"] for it in items]
+    kmax = max(it["k"] for it in items)
+    with torch.no_grad():
+        cand = model.retrieve(questions, kmax)
+        scores = model.doc_scores(questions, cand).float().cpu()
+    out = []
+    for i, it in enumerate(items):
+        k = it["k"]
+        rows = [int(r) for r in cand.rows[i, :k]]
+        s = scores[i, :k]
+        prob = torch.softmax(s, -1).tolist()
+        passages = []
+        for j, row in enumerate(rows):
+            p = model.index.passage(row)
+            title = p.get("title") or ""
+            passages.append({"id": str(p["id"]), "title": title, "text": p["text"], "row": row,
+                             "score": float(s[j]), "probability": prob[j],
+                             "generator_text": passage_text(title, p["text"])})
+        out.append({"passages": passages})
+    return out
+
+
+@serve.deployment(name="Retriever", max_ongoing_requests=64, max_queued_requests=512,
+                  ray_actor_options={"num_cpus": 0.5})
+class Retriever:
+    """Query encoder + FAISS index version. Questions are batched (one encoder pass, one search)."""
+
+    def __init__(self, ref: dict, args: dict):
+        self.args = ServeArgs(**args)
+        _set_threads(self.args.retriever_threads)
+        self.models = _VersionCache(load_retriever_part, self.args.keep_versions)
+        self.retrieve.set_max_batch_size(self.args.retriever_max_batch_size)
+        self.retrieve.set_batch_wait_timeout_s(self.args.retriever_batch_wait_timeout_s)
+        self._initial = ModelRef.from_dict(ref)
+        self.models._models[self._initial.key] = load_retriever_part(self._initial)
+
+    async def prepare(self, ref: dict) -> list[str]:
+        """Load a version ahead of a reload (the one being served keeps serving meanwhile)."""
+        await self.models.get(ModelRef.from_dict(ref))
+        return self.models.keys()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def retrieve(self, items: list[dict]) -> list[dict]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            groups[it["ref"]["key"]].append(i)
+        results: list[dict] = [{} for _ in items]
+        for idx in groups.values():
+            try:
+                model = await self.models.get(ModelRef.from_dict(items[idx[0]]["ref"]))
+                outs = await asyncio.to_thread(_retrieve_group, model, [items[i] for i in idx])
+            except Exception as exc:  # reported per request, never a dead replica
+                outs = [{"error": f"{type(exc).__name__}: {exc}"}] * len(idx)
+            for i, out in zip(idx, outs):
+                results[i] = out
+        return results
+
+
+# --------------------------------------------------------------------------------------------- Generator
+class _Retrieved:
+    """Stands in for RagModel in pipeline.decoding: retrieval already happened in the Retriever deployment, so
+    `retrieve` and `doc_scores` hand back what it found. (A `candidates=`/`doc_scores=` argument on the pipeline decoders would make this
+    stand-in unnecessary.)"""
+
+    def __init__(self, generator, items: list[dict]):
+        import torch
+
+        from pipeline.rag import Candidates
+
+        self.generator = generator
+        ps = [it["retrieved"]["passages"] for it in items]
+        self._cand = Candidates(rows=np.array([[p["row"] for p in row] for row in ps]),
+                                ids=[[p["id"] for p in row] for row in ps],
+                                texts=[[p["generator_text"] for p in row] for row in ps], query_vectors=None)
+        self._scores = torch.tensor([[p["score"] for p in row] for row in ps], dtype=torch.float32)
+
+    def retrieve(self, questions, k):
+        return self._cand
+
+    def doc_scores(self, questions, cand):
+        return self._scores
+
+
+def _decode_group(gen, items: list[dict], thorough: bool) -> list[dict]:
+    """Decode questions that share model version, mode, k, beams and length in one batched call."""
+    import torch
+
+    from pipeline.decoding import rag_sequence_decode, rag_token_decode
+
+    first = items[0]
+    shim = _Retrieved(gen, items)
+    questions = [it["question"] for it in items]
+    with torch.no_grad():
+        if first["mode"] == "rag-sequence":
+            answers = rag_sequence_decode(shim, questions, k=first["k"], num_beams=first["num_beams"],
+                                          max_len=first["max_new_tokens"], thorough=thorough)
+        else:
+            answers = rag_token_decode(shim, questions, k=first["k"], num_beams=first["num_beams"],
+                                       max_len=first["max_new_tokens"])
+    return [{"answer": a.answer, "score": a.score,
+             "posterior": [p.get("posterior") for p in a.passages]} for a in answers]
+
+
+def _stream_rag_token(gen, item: dict):
+    """Greedy RAG-Token decoding, one token at a time: yields text pieces, returns (answer, score)."""
+    import torch
+
+    texts = [p["generator_text"] for p in item["retrieved"]["passages"]]
+    k = len(texts)
+    max_len = item["max_new_tokens"] or gen.max_target_length
+    with torch.no_grad():
+        inputs = gen.encode_inputs([item["question"]] * k, texts)
+        state = gen.start_decoding(inputs)
+        prior = torch.log_softmax(torch.tensor([p["score"] for p in item["retrieved"]["passages"]]), -1)
+        prior = prior.to(inputs["input_ids"].device).unsqueeze(-1)                       # [K, 1]
+        prefix = torch.full((1, 1), gen.start_token_id, dtype=torch.long, device=inputs["input_ids"].device)
+        ids: list[int] = []
+        score, shown = 0.0, ""
+        stop = {gen.eos_token_id, gen.tokenizer.pad_token_id}
+        for _ in range(max_len):
+            logp = gen.decode_step(state, prefix.repeat(k, 1)).float()                  # [K, V]
+            marginal = torch.logsumexp(logp + prior, dim=0)                               # [V]
+            tok = int(marginal.argmax())
+            score += float(marginal[tok])
+            if tok in stop:
+                break
+            ids.append(tok)
+            prefix = torch.cat([prefix, prefix.new_full((1, 1), tok)], 1)
+            text = gen.decode(ids)
+            piece = text[len(shown):] if text.startswith(shown) else text
+            shown = text
+            if piece:
+                yield piece
+    return gen.decode(ids), score
+
+
+def _advance(it) -> tuple[bool, Any]:
+    """next(it) for asyncio.to_thread: StopIteration must not cross into a Future (it would hang)."""
+    try:
+        return False, next(it)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def _pieces(gen, answer: str):
+    """The pieces of an already decoded answer, token by token."""
+    ids = gen.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    shown = ""
+    for n in range(1, len(ids) + 1):
+        text = gen.decode(ids[:n])
+        piece = text[len(shown):] if text.startswith(shown) else text
+        shown = text
+        if piece:
+            yield piece
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=64, max_queued_requests=512,
+                  ray_actor_options={"num_cpus": 1})
+class Generator:
+    """The generator, decoding batches of (question, retrieved passages) with @serve.batch."""
+
+    def __init__(self, ref: dict, args: dict):
+        self.args = ServeArgs(**args)
+        _set_threads(self.args.generator_threads)
+        self.thorough = self.args.decode == "thorough"
+        self.models = _VersionCache(load_generator_part, self.args.keep_versions)
+        self.answer.set_max_batch_size(self.args.max_batch_size)
+        self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        initial = ModelRef.from_dict(ref)
+        self.models._models[initial.key] = load_generator_part(initial)
+
+    async def prepare(self, ref: dict) -> list[str]:
+        await self.models.get(ModelRef.from_dict(ref))
+        return self.models.keys()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def answer(self, items: list[dict]) -> list[dict]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            groups[(it["ref"]["key"], it["mode"], it["k"], it["num_beams"], it["max_new_tokens"])].append(i)
+        results: list[dict] = [{} for _ in items]
+        for idx in groups.values():
+            try:
+                gen = await self.models.get(ModelRef.from_dict(items[idx[0]]["ref"]))
+                outs = await asyncio.to_thread(_decode_group, gen, [items[i] for i in idx], self.thorough)
+            except Exception as exc:
+                outs = [{"error": f"{type(exc).__name__}: {exc}"}] * len(idx)
+            for i, out in zip(idx, outs):
+                results[i] = dict(out, batch_size=len(items))
+        return results
+
+    async def stream(self, item: dict) -> AsyncIterator[dict]:
+        """Events {"token": piece} ... then {"done": {answer, score, posterior}}. RAG-Token with one beam streams
+        tokens as they are decoded; otherwise the answer is decoded first (the sequence-level choice needs every
+        hypothesis) and its tokens follow."""
+        gen = await self.models.get(ModelRef.from_dict(item["ref"]))
+        if item["mode"] == "rag-token" and item["num_beams"] == 1:
+            it = _stream_rag_token(gen, item)
+            while True:
+                finished, value = await asyncio.to_thread(_advance, it)
+                if finished:
+                    answer, score = value
+                    break
+                yield {"token": value}
+            yield {"done": {"answer": answer, "score": score, "posterior": None}}
+            return
+        out = (await asyncio.to_thread(_decode_group, gen, [item], self.thorough))[0]
+        for piece in _pieces(gen, out["answer"]):
+            yield {"token": piece}
+        yield {"done": out}
+
+
+# --------------------------------------------------------------------------------------------- ingress
+api = FastAPI(
+    title="latentrag",
+    version="0.1.0",
+    description="Retrieval-augmented generation with passages as latent variables: answer questions with "
+                "RAG-Sequence or RAG-Token decoding over a trained retriever and generator.",
+)
+
+
+def _passages(retrieved: dict, posterior: list | None = None) -> list[Passage]:
+    out = []
+    for j, p in enumerate(retrieved["passages"]):
+        post = posterior[j] if posterior and j < len(posterior) else None
+        out.append(Passage(id=p["id"], title=p["title"], text=p["text"], probability=p["probability"],
+                           posterior=post))
+    return out
+
+
+@serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=256, max_queued_requests=512,
+                  ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, retriever: DeploymentHandle, generator: DeploymentHandle, ref: dict, args: dict):
+        self.retriever = retriever
+        self.generator = generator
+        self.args = ServeArgs(**args)
+        self.active = ModelRef.from_dict(ref)
+        self.reloads = 0
+        self._reload_lock = asyncio.Lock()
+
+    # ---- helpers
+    def _limits(self, k: int) -> None:
+        limit = min(self.args.max_k, self.active.index_count or self.args.max_k)
+        if k > limit:
+            raise HTTPException(422, f"k={k} is out of range: this server allows 1..{limit} "
+                                     f"(max_k {self.args.max_k}, index holds {self.active.index_count} passages)")
+
+    async def _retrieve(self, ref: ModelRef, question: str, k: int) -> dict:
+        try:
+            out = await self.retriever.retrieve.remote({"ref": ref.to_dict(), "question": question, "k": k})
+        except Exception as exc:
+            raise _unavailable_or_raise(exc)
+        if "error" in out:
+            raise HTTPException(500, f"retrieval failed: {out['error']}")
+        return out
+
+    def _item(self, ref: ModelRef, req: AnswerRequest, retrieved: dict) -> dict:
+        return {"ref": ref.to_dict(), "question": req.question, "mode": req.mode, "k": req.k,
+                "num_beams": req.num_beams, "max_new_tokens": req.max_new_tokens, "retrieved": retrieved}
+
+    # ---- endpoints
+    @api.get("/healthz", response_model=HealthResponse)
+    async def healthz(self) -> HealthResponse:
+        return HealthResponse(status="ok", model_version=self.active.model_version,
+                              index_version=self.active.index_version)
+
+    @api.get("/v1/info")
+    async def info(self) -> dict:
+        return {**self.active.public(), "estimator": self.active.estimator, "tau": self.active.tau,
+                "index_count": self.active.index_count, "modes": ["rag-sequence", "rag-token"],
+                "limits": {"max_k": min(self.args.max_k, self.active.index_count or self.args.max_k)},
+                "batching": {"max_batch_size": self.args.max_batch_size,
+                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+                "reloads": self.reloads}
+
+    @api.post("/v1/retrieve", response_model=RetrieveResponse)
+    async def retrieve(self, req: RetrieveRequest) -> RetrieveResponse:
+        self._limits(req.k)
+        ref = self.active
+        retrieved = await self._retrieve(ref, req.question, req.k)
+        return RetrieveResponse(passages=_passages(retrieved), model_version=ref.model_version,
+                                index_version=ref.index_version)
+
+    @api.post("/v1/answer", response_model=AnswerResponse)
+    async def answer(self, req: AnswerRequest) -> AnswerResponse:
+        self._limits(req.k)
+        ref = self.active                       # this request stays on this version to the end
+        retrieved = await self._retrieve(ref, req.question, req.k)
+        try:
+            out = await self.generator.answer.remote(self._item(ref, req, retrieved))
+        except Exception as exc:
+            raise _unavailable_or_raise(exc)
+        if "error" in out:
+            raise HTTPException(500, f"generation failed: {out['error']}")
+        return AnswerResponse(answer=out["answer"], score=out["score"], mode=req.mode,
+                              passages=_passages(retrieved, out.get("posterior")) if req.return_passages else [],
+                              model_version=ref.model_version, index_version=ref.index_version)
+
+    @api.post("/v1/answer/stream", response_class=StreamingResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "server-sent events: `token` events {text}, then one `done` event "
+                                              "with the AnswerResponse (or an `error` event)"}})
+    async def answer_stream(self, req: AnswerRequest) -> StreamingResponse:
+        self._limits(req.k)
+        ref = self.active
+        retrieved = await self._retrieve(ref, req.question, req.k)
+        item = self._item(ref, req, retrieved)
+
+        async def events():
+            try:
+                async for event in self.generator.options(stream=True).stream.remote(item):
+                    if "token" in event:
+                        yield _sse("token", {"text": event["token"]})
+                    else:
+                        out = event["done"]
+                        resp = AnswerResponse(answer=out["answer"], score=out["score"], mode=req.mode,
+                                              passages=_passages(retrieved, out.get("posterior"))
+                                              if req.return_passages else [],
+                                              model_version=ref.model_version, index_version=ref.index_version)
+                        yield _sse("done", resp.model_dump())
+            except Exception as exc:            # headers are sent already: report in-band
+                yield _sse("error", {"detail": f"{type(exc).__name__}: {exc}"})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _check_admin(self, authorization: str | None) -> None:
+        token = self.args.admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+        if not token:
+            raise HTTPException(401, "reload is disabled: no admin token configured "
+                                     f"(set admin_token or {ADMIN_TOKEN_ENV})", headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @api.post("/v1/admin/reload", response_model=ReloadResponse,
+              openapi_extra={"requestBody": {"required": False, "content": {
+                  "application/json": {"schema": ReloadRequest.model_json_schema()}}}})
+    async def reload(self, request: Request, authorization: str | None = Header(None)) -> ReloadResponse:
+        """Move to a new checkpoint and/or index version without downtime (bearer token required). The token is
+        checked before the body is read."""
+        self._check_admin(authorization)
+        raw = await request.body()
+        try:
+            req = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
+        except ValidationError as exc:
+            raise HTTPException(422, [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()])
+        async with self._reload_lock:
+            t = time.time()
+            source = req.checkpoint or self.active.source
+            index = req.index if req.index is not None else (None if req.checkpoint else self.active.index_source)
+            try:
+                new = await asyncio.to_thread(resolve_model_ref, source, index, self.args.download_dir)
+            except ServingLoadError as exc:
+                raise HTTPException(422, f"cannot reload: {exc}")
+            try:                                # load beside the serving version; nothing is swapped yet
+                await asyncio.gather(self.retriever.prepare.remote(new.to_dict()),
+                                     self.generator.prepare.remote(new.to_dict()))
+            except Exception as exc:
+                raise HTTPException(500, f"cannot reload: loading failed, still serving "
+                                         f"{self.active.model_version}: {exc}")
+            previous, self.active = self.active, new
+            self.reloads += 1
+            return ReloadResponse(previous=previous.public(), current=new.public(), seconds=round(time.time() - t, 3))
+
+
+# --------------------------------------------------------------------------------------------- building
+def build_app(args: ServeArgs | Dict[str, Any], deployments: dict[str, dict] | None = None) -> Application:
+    """The application, with per-deployment option overrides (the `deployments:` entries of a Serve config)."""
+    a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
+    ref = resolve_model_ref(a.checkpoint, a.index, a.download_dir)
+    opts = deployments or {}
+    unknown = sorted(set(opts) - set(DEPLOYMENT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown deployment(s) {unknown}; this application has {list(DEPLOYMENT_NAMES)}")
+    retriever = Retriever.options(**opts.get("Retriever", {})).bind(ref.to_dict(), a.model_dump())
+    generator = Generator.options(**opts.get("Generator", {})).bind(ref.to_dict(), a.model_dump())
+    return Ingress.options(**opts.get("Ingress", {})).bind(retriever, generator, ref.to_dict(), a.model_dump())
+
+
+def app_builder(args: Dict[str, Any]) -> Application:
+    """`serve run serving.app:app_builder checkpoint=DIR [max_batch_size=16 ...]` and a Serve config's import_path."""
+    return build_app(ServeArgs(**args))

@@ -1,0 +1,193 @@
+"""From "what to serve" (a checkpoint directory or an MLflow URI, optionally another index) to a `ModelRef`: plain
+values naming one model version and one index version, which deployments load (and cache) by its `key`.
+
+MLflow URIs (`runs:/<run_id>[/path]`, `models:/<name>/<version>` or `models:/<name>@<alias>`) are downloaded with
+`mlflow.artifacts.download_artifacts`. The train job logs `config.yaml`, `model/generator`, `model/query_encoder` and
+`model/index/manifest.json`; that rebuilds a checkpoint except for `rag.json` (derived here from config.yaml and the
+logged manifest) and the index files themselves, which are not logged: they are looked up at
+`<config output_dir>/index/<version>` (the train job's own index) unless an `index` is given, and refused if their
+manifest does not match the logged one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+
+
+class ServingLoadError(ValueError):
+    """The checkpoint or index cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    key: str                    # cache key: checkpoint contents + index version directory
+    checkpoint: str             # local checkpoint directory
+    index_dir: str              # index version directory
+    model_version: str
+    index_version: str
+    source: str                 # what the user asked for (directory or URI)
+    index_source: str | None    # index root / version the user asked for, if any
+    step: int | None = None
+    estimator: str | None = None
+    tau: float = 0.05
+    index_count: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | "ModelRef") -> "ModelRef":
+        return d if isinstance(d, ModelRef) else cls(**d)
+
+    def public(self) -> dict:
+        return {"model_version": self.model_version, "index_version": self.index_version,
+                "checkpoint": self.source, "index_dir": self.index_dir, "step": self.step}
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return str(source).startswith(MLFLOW_SCHEMES)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+def _run_id_of_model_uri(uri: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    rest = uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        parts = rest.split("/")
+        if len(parts) < 2:
+            return None
+        mv = client.get_model_version(parts[0], parts[1])
+    return mv.run_id
+
+
+def download_mlflow_checkpoint(uri: str, download_dir: str | None = None) -> Path:
+    """Download the artifacts behind `uri` and lay them out as a checkpoint directory (see the module doc)."""
+    import mlflow.artifacts
+    import yaml
+
+    dst = Path(download_dir or tempfile.mkdtemp(prefix="latentrag-serve-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    rest = uri[len("runs:/"):].strip("/") if uri.startswith("runs:/") else None
+    try:
+        if rest is not None and "/" not in rest:          # a whole run: runs:/<run_id>
+            local = Path(mlflow.artifacts.download_artifacts(run_id=rest, artifact_path="",
+                                                             dst_path=str(dst / "artifacts")))
+        else:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst / "artifacts")))
+    except Exception as exc:  # MlflowException and friends: unknown run, model, alias, unreachable server
+        raise ServingLoadError(f"cannot download {uri}: {exc}") from exc
+    if (local / "rag.json").is_file():                    # a whole checkpoint directory was logged
+        return local
+    model_dir = local / "model" if (local / "model").is_dir() else local
+    config_file = next((p for p in (local / "config.yaml", model_dir / "config.yaml") if p.is_file()), None)
+    if config_file is None and uri.startswith("models:/"):
+        run_id = _run_id_of_model_uri(uri)
+        if run_id:
+            config_file = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/config.yaml",
+                                                                   dst_path=str(dst / "run")))
+    missing = [name for name in ("generator", "query_encoder") if not (model_dir / name).is_dir()]
+    if missing or config_file is None:
+        raise ServingLoadError(f"{uri}: the artifacts do not make a checkpoint (missing "
+                               f"{', '.join(missing + ([] if config_file else ['config.yaml']))}); expected what "
+                               "`latentrag train` logs: config.yaml, model/generator, model/query_encoder, "
+                               "model/index/manifest.json")
+    cfg = yaml.safe_load(config_file.read_text())
+    manifest_file = model_dir / "index" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    index_dir = None
+    out_dir = cfg.get("output_dir")
+    if out_dir and manifest.get("version"):
+        candidate = Path(out_dir) / "index" / manifest["version"]
+        if (candidate / "manifest.json").is_file():
+            index_dir = str(candidate)
+    ckpt = dst / "checkpoint"
+    ckpt.mkdir(exist_ok=True)
+    for name in ("generator", "query_encoder"):
+        link = ckpt / name
+        if not link.exists():
+            link.symlink_to((model_dir / name).resolve(), target_is_directory=True)
+    (ckpt / "config.yaml").write_text(config_file.read_text())
+    meta = {"tau": float(cfg.get("retriever", {}).get("tau", 0.05)), "step": None,
+            "estimator": cfg.get("train", {}).get("estimator"), "index_dir": index_dir,
+            "index_version": manifest.get("version"),
+            "index_encoder_fingerprint": manifest.get("encoder_fingerprint"),
+            "index_manifest": manifest, "source": uri}
+    (ckpt / "rag.json").write_text(json.dumps(meta, indent=2))
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+def _model_version(ckpt: Path, meta: dict) -> str:
+    h = hashlib.sha256()
+    rag = ckpt / "rag.json"
+    h.update(str(ckpt.resolve()).encode())
+    h.update(rag.read_bytes())
+    h.update(str(rag.stat().st_mtime_ns).encode())
+    step = meta.get("step")
+    return (f"step{step}-" if step is not None else "") + h.hexdigest()[:10]
+
+
+def resolve_model_ref(source: str, index: str | None = None, download_dir: str | None = None) -> ModelRef:
+    """Check that `source` (+ `index`) can be served and name the exact versions. Raises ServingLoadError."""
+    from pipeline.checkpoint import read_checkpoint_meta
+    from pipeline.index import read_manifest, resolve_version_dir
+
+    source = str(source)
+    try:
+        ckpt = download_mlflow_checkpoint(source, download_dir) if is_mlflow_uri(source) else Path(source)
+        if not ckpt.is_dir():
+            raise ServingLoadError(f"checkpoint {source!r} is not a directory")
+        meta = read_checkpoint_meta(ckpt)
+        index_source = index or meta.get("index_dir")
+        if not index_source:
+            raise ServingLoadError(f"{source}: the checkpoint names no index that exists here; pass an index "
+                                   "(latentrag serve --index DIR, or index=DIR)")
+        version_dir = resolve_version_dir(index_source)
+        manifest = read_manifest(version_dir)
+    except ServingLoadError:
+        raise
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ServingLoadError(str(exc)) from exc
+    expected = meta.get("index_encoder_fingerprint")
+    if expected and manifest.get("encoder_fingerprint") != expected:
+        raise ServingLoadError(f"index {version_dir} was built with encoder fingerprint "
+                               f"{manifest.get('encoder_fingerprint')}, but checkpoint {source} expects {expected}")
+    logged = meta.get("index_manifest")
+    if logged and logged.get("embeddings_sha256") and \
+            logged.get("embeddings_sha256") != manifest.get("embeddings_sha256"):
+        raise ServingLoadError(f"index {version_dir} is not the index logged with {source} (embeddings differ); "
+                               "pass the right index")
+    model_version = _model_version(ckpt, meta)
+    version_dir = Path(version_dir).resolve()
+    return ModelRef(key=f"{model_version}|{version_dir}", checkpoint=str(ckpt.resolve()), index_dir=str(version_dir),
+                    model_version=model_version, index_version=str(manifest.get("version")), source=source,
+                    index_source=index, step=meta.get("step"), estimator=meta.get("estimator"),
+                    tau=float(meta.get("tau", 0.05)), index_count=int(manifest.get("count", 0)))
+
+
+# ------------------------------------------------------------------------------------------------ loading parts
+def load_retriever_part(ref: ModelRef):
+    """RagModel with the query encoder and the index only (the Retriever deployment's share)."""
+    from pipeline.index import load_index
+    from pipeline.models.retriever import load_encoder
+    from pipeline.rag import RagModel
+
+    index = load_index(ref.index_dir)
+    encoder = load_encoder(Path(ref.checkpoint) / "query_encoder")
+    return RagModel(encoder, None, index, tau=ref.tau).eval()
+
+
+def load_generator_part(ref: ModelRef):
+    from pipeline.models.generator import load_generator
+
+    return load_generator(Path(ref.checkpoint) / "generator").eval()

@@ -1,0 +1,62 @@
+"""Tiny real checkpoints for the serving tests: the embedded MiniLM query encoder, a 6-passage index and a small
+copy-bart generator, written with pipeline.checkpoint.save_checkpoint (no training, a few seconds)."""
+import socket
+
+import pytest
+
+PASSAGES = [
+    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
+    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
+    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
+    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
+    {"id": "e", "title": "Tamsin Vey", "text": "Tamsin Vey sails a boat called the Gullwing."},
+    {"id": "f", "title": "Tamsin Vey", "text": "Tamsin Vey keeps bees on the hill of Orrin."},
+]
+ANSWERS = ["Meridale", "Quendle Guild", "zumbrel", "Ashvane", "Gullwing", "Orrin"]
+
+
+def write_index(root, encoder):
+    from pipeline.index import passage_text, write_index_version
+    from pipeline.models.retriever import encoder_fingerprint
+
+    emb = encoder.encode([passage_text(p["title"], p["text"]) for p in PASSAGES]).numpy()
+    return write_index_version(root, emb, [p["id"] for p in PASSAGES], "flat", encoder_name="minilm",
+                               encoder_fingerprint=encoder_fingerprint("minilm"), corpus_fingerprint="tiny",
+                               titles=[p["title"] for p in PASSAGES], texts=[p["text"] for p in PASSAGES])
+
+
+def write_checkpoint(out_dir, encoder, index_dir, step: int, seed: int = 0):
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import Config, GeneratorConfig
+    from pipeline.index import load_index
+    from pipeline.models.generator import build_generator
+    from pipeline.rag import RagModel
+
+    torch.manual_seed(seed)
+    gen = build_generator(GeneratorConfig(dropout=0.0, d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1,
+                                          max_target_length=8), ANSWERS)
+    model = RagModel(encoder, gen, load_index(index_dir), tau=0.05)
+    return save_checkpoint(out_dir, model, Config(), step=step)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """(checkpoint A on index v1, checkpoint B on index v2, index root)."""
+    from pipeline.models.retriever import TextEncoder
+
+    root = tmp_path_factory.mktemp("serving")
+    encoder = TextEncoder()
+    v1 = write_index(root / "index", encoder)
+    a = write_checkpoint(root / "ckpt_a", encoder, v1, step=10, seed=0)
+    v2 = write_index(root / "index", encoder)
+    b = write_checkpoint(root / "ckpt_b", encoder, v2, step=20, seed=1)
+    return a, b, root / "index"
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
