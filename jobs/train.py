@@ -268,8 +268,11 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         tracker.log_metrics({k: v for k, v in final.items() if v is not None})
         for name in ("config.yaml", "metrics.json", "predictions.jsonl"):
             tracker.log_artifact(output_dir / name)
-        tracker.log_artifact(final_dir / "generator", "model/generator")
-        tracker.log_artifact(final_dir / "query_encoder", "model/query_encoder")
+        # `runs:/<run_id>/model` is then a checkpoint that serving and `latentrag eval` load (without the
+        # trainer state; the index is referenced by rag.json and checked against the logged manifest)
+        for name in ("generator", "query_encoder", "posterior_encoder", "rag.json", "config.yaml"):
+            if (final_dir / name).exists():
+                tracker.log_artifact(final_dir / name, f"model/{name}" if (final_dir / name).is_dir() else "model")
         tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
         _log("[eval] trained:   " + _fmt(final))
         if own_tracker:

@@ -39,6 +39,16 @@ def test_demo_writes_metrics_checkpoint_and_mlflow(demo_run):
     assert status == "FINISHED"
     assert params["retriever.lr"] != params["generator.lr"]
     assert {"loss", "em", "recall_at_1", "initial_recall_at_1", "grad_norm/retriever"} <= metric_keys
+    # the logged model is a loadable checkpoint
+    import mlflow.artifacts
+
+    from pipeline.checkpoint import load_checkpoint
+
+    local = mlflow.artifacts.download_artifacts(run_id=m["mlflow_run_id"], artifact_path="model",
+                                                tracking_uri=f"sqlite:///{demo_run / 'mlflow.db'}",
+                                                dst_path=str(demo_run / "downloaded"))
+    model, cfg, meta = load_checkpoint(local)
+    assert meta["step"] == 4 and cfg.train.estimator == "rag-sequence" and model.index.version == m["index_version"]
 
 
 @pytest.mark.ray
