@@ -70,10 +70,11 @@ def _passages(cand, b: int, doc_logprobs: torch.Tensor, posterior: torch.Tensor 
 
 @torch.no_grad()
 def rag_sequence_decode(model, questions: list[str], k: int = 5, num_beams: int = 1, max_len: int | None = None,
-                        thorough: bool = False) -> list[DecodedAnswer]:
+                        thorough: bool = False, candidates=None) -> list[DecodedAnswer]:
+    """`candidates`: an earlier `model.retrieve(questions, >= k)`, reused instead of retrieving again."""
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand = model.retrieve(questions, k)
+    cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
     doc_lp = torch.log_softmax(model.doc_scores(questions, cand), -1)
     b = len(questions)
     inputs = gen.encode_inputs([q for q in questions for _ in range(k)], [p for row in cand.texts for p in row])
@@ -118,10 +119,10 @@ def _score_answers(model, question: str, passages: list[str], answers: list[str]
 
 @torch.no_grad()
 def rag_token_decode(model, questions: list[str], k: int = 5, num_beams: int = 1,
-                     max_len: int | None = None) -> list[DecodedAnswer]:
+                     max_len: int | None = None, candidates=None) -> list[DecodedAnswer]:
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand = model.retrieve(questions, k)
+    cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
     doc_lp = torch.log_softmax(model.doc_scores(questions, cand), -1)
     b = len(questions)
     inputs = gen.encode_inputs([q for q in questions for _ in range(k)], [p for row in cand.texts for p in row])

@@ -18,7 +18,7 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
     was_training = model.training
     model.eval()
     rows = rows[:max_questions] if max_questions else rows
-    depth = min(max(RECALL_KS), len(model.index.ids))
+    depth = min(max(max(RECALL_KS), k), len(model.index.ids))
     retrieved, gold, ems, f1s, predictions = [], [], [], [], []
     start = time.time()
     for i in range(0, len(rows), batch_size):
@@ -28,9 +28,10 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         retrieved += cand.ids
         gold += [list(r.get("gold_passage_ids") or []) for r in chunk]
         if estimator == "rag-token":
-            decoded = rag_token_decode(model, questions, k=k, num_beams=num_beams)
+            decoded = rag_token_decode(model, questions, k=k, num_beams=num_beams, candidates=cand)
         else:
-            decoded = rag_sequence_decode(model, questions, k=k, num_beams=num_beams, thorough=decode == "thorough")
+            decoded = rag_sequence_decode(model, questions, k=k, num_beams=num_beams, thorough=decode == "thorough",
+                                          candidates=cand)
         for r, d in zip(chunk, decoded):
             ems.append(exact_match(d.answer, r["answers"]))
             f1s.append(f1_score(d.answer, r["answers"]))

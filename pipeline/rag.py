@@ -32,6 +32,13 @@ class Candidates:
     texts: list[list[str]]               # passage texts as the generator reads them
     query_vectors: torch.Tensor          # [B, d], with gradient when the query encoder trains
 
+    def top(self, k: int) -> "Candidates":
+        """The first k of each question's candidates (they are ranked by score)."""
+        if k > self.rows.shape[1]:
+            raise ValueError(f"asked for the top {k} of {self.rows.shape[1]} retrieved passages")
+        return Candidates(self.rows[:, :k], [r[:k] for r in self.ids], [t[:k] for t in self.texts],
+                          self.query_vectors)
+
 
 POSTERIOR_SEP = " [SEP] "
 
