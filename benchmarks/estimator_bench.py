@@ -27,11 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.common import synthetic_index  # noqa: E402
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.estimators import build_estimator  # noqa: E402
-from pipeline.index import load_index, passage_text, write_index_version  # noqa: E402
 from pipeline.models.generator import build_generator  # noqa: E402
-from pipeline.models.retriever import TextEncoder, encoder_fingerprint  # noqa: E402
+from pipeline.models.retriever import TextEncoder  # noqa: E402
 from pipeline.rag import RagModel  # noqa: E402
 from pipeline.synthetic import generate_knowledge_base  # noqa: E402
 from pipeline.training import seed_everything  # noqa: E402
@@ -81,14 +82,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     kb = generate_knowledge_base(seed=0, num_entities=cfg.data.synthetic_entities)
     encoder = TextEncoder(cfg.retriever.encoder, max_length=cfg.retriever.max_length)
-    index_root = Path(f"/tmp/latentrag-bench-index-0-default-{len(kb.passages)}")
-    if not (index_root / "current").exists():
-        texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
-        write_index_version(index_root, encoder.encode(texts).numpy(), [x["id"] for x in kb.passages], "flat",
-                            encoder_name="minilm", encoder_fingerprint=encoder_fingerprint("minilm"),
-                            corpus_fingerprint="bench", titles=[x["title"] for x in kb.passages],
-                            texts=[x["text"] for x in kb.passages])
-    index = load_index(index_root)
+    index = synthetic_index(kb, encoder, 0, "default")
     batch = kb.train[:args.batch]
     questions, answers = [r["question"] for r in batch], [r["answers"][0] for r in batch]
     train_answers = [a for r in kb.train for a in r["answers"]]

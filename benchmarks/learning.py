@@ -21,12 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.common import synthetic_index  # noqa: E402
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.estimators import build_estimator  # noqa: E402
 from pipeline.evaluation import evaluate  # noqa: E402
-from pipeline.index import load_index, passage_text, write_index_version  # noqa: E402
 from pipeline.models.generator import build_generator  # noqa: E402
-from pipeline.models.retriever import TextEncoder, encoder_fingerprint  # noqa: E402
+from pipeline.models.retriever import TextEncoder  # noqa: E402
 from pipeline.rag import RagModel  # noqa: E402
 from pipeline.synthetic import generate_knowledge_base  # noqa: E402
 from pipeline.training import RagTrainer, seed_everything  # noqa: E402
@@ -53,14 +54,7 @@ def main(argv=None) -> int:
     kb = generate_knowledge_base(seed=args.seed, num_entities=cfg.data.synthetic_entities,
                                  template_set=args.templates)
     encoder = TextEncoder(cfg.retriever.encoder, max_length=cfg.retriever.max_length)
-    index_root = Path(f"/tmp/latentrag-bench-index-{args.seed}-{args.templates}-{len(kb.passages)}")
-    if not (index_root / "current").exists():
-        texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
-        write_index_version(index_root, encoder.encode(texts).numpy(), [x["id"] for x in kb.passages], "flat",
-                            encoder_name="minilm", encoder_fingerprint=encoder_fingerprint("minilm"),
-                            corpus_fingerprint="bench", titles=[x["title"] for x in kb.passages],
-                            texts=[x["text"] for x in kb.passages])
-    index = load_index(index_root)
+    index = synthetic_index(kb, encoder, args.seed, args.templates)
     test = kb.test[:args.max_eval]
     answers = [a for r in kb.train for a in r["answers"]]
     results = {}

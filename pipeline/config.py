@@ -212,20 +212,25 @@ def from_dict(values: dict | None) -> Config:
     return _build(Config, values or {}, "")
 
 
+def read_yaml_mapping(path: str | Path | None) -> dict:
+    """A YAML file whose top level is a mapping ({} for None); errors name the file."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (optional) + `key=value` overrides, validated."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    cfg = from_dict(values)
+    cfg = from_dict(read_yaml_mapping(path))
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     return cfg.validate()

@@ -68,16 +68,23 @@ def _passages(cand, b: int, doc_logprobs: torch.Tensor, posterior: torch.Tensor 
             for k in range(len(cand.ids[b]))]
 
 
+def _retrieve_and_encode(model, questions: list[str], k: int, candidates):
+    """Top-k candidates, log p(z|x) [B, K], and generator inputs for every (question, passage) pair."""
+    cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
+    doc_lp = torch.log_softmax(model.doc_scores(questions, cand), -1)
+    inputs = model.generator.encode_inputs([q for q in questions for _ in range(k)],
+                                           [p for row in cand.texts for p in row])
+    return cand, doc_lp, inputs
+
+
 @torch.no_grad()
 def rag_sequence_decode(model, questions: list[str], k: int = 5, num_beams: int = 1, max_len: int | None = None,
                         thorough: bool = False, candidates=None) -> list[DecodedAnswer]:
     """`candidates`: an earlier `model.retrieve(questions, >= k)`, reused instead of retrieving again."""
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
-    doc_lp = torch.log_softmax(model.doc_scores(questions, cand), -1)
+    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates)
     b = len(questions)
-    inputs = gen.encode_inputs([q for q in questions for _ in range(k)], [p for row in cand.texts for p in row])
     state = gen.start_decoding(inputs)
     state = gen.select_state(state, torch.arange(b * k, device=inputs["input_ids"].device).repeat_interleave(num_beams))
     beams = beam_search(lambda prefix: gen.decode_step(state, prefix), b * k, gen.start_token_id, gen.eos_token_id,
@@ -122,10 +129,8 @@ def rag_token_decode(model, questions: list[str], k: int = 5, num_beams: int = 1
                      max_len: int | None = None, candidates=None) -> list[DecodedAnswer]:
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
-    doc_lp = torch.log_softmax(model.doc_scores(questions, cand), -1)
+    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates)
     b = len(questions)
-    inputs = gen.encode_inputs([q for q in questions for _ in range(k)], [p for row in cand.texts for p in row])
     device = inputs["input_ids"].device
     state = gen.start_decoding(inputs)
     # rows ordered (question, beam, passage): every beam of a question sees all K passages

@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, ConfigError, apply_override, from_dict, load_config, save_config
+from pipeline.config import (Config, ConfigError, apply_override, from_dict, load_config, read_yaml_mapping,
+                             save_config)
 
 MODES = ("grid", "two-phase")
 # dev metrics a trial reports; `score` is built from two of them
@@ -129,17 +130,7 @@ def parse_dimension(value, where: str, lr: bool = True) -> tuple:
 # --------------------------------------------------------------------------------------------- configs
 def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, SweepSpec]:
     """A tune YAML (train config + `sweep:`), with `--set` overrides for either part (`sweep.key=value`)."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    values = read_yaml_mapping(path)
     sweep_values = values.pop("sweep", None) or {}
     if not isinstance(sweep_values, dict):
         raise ConfigError("sweep: expected a mapping")
