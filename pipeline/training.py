@@ -112,7 +112,9 @@ class RagTrainer:
             model.query_encoder.requires_grad_(False)
             if posterior is not None:
                 posterior.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+        # fused: one kernel for all parameters; the per-tensor loop took ~15% of a CPU step (MiniLM's 11.7M-entry
+        # word embeddings get a dense gradient every step)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedules)
         self.step_num = 0
 
