@@ -88,6 +88,9 @@ class TrainConfig:
     eval_every: int = 0                # 0 = only at the end
     log_every: int = 10
     checkpoint_every: int = 0          # 0 = only at the end
+    grad_accum_steps: int = 1          # micro-batches of batch_size per optimiser step (per worker)
+    precision: str = "bf16"            # bf16 | fp32: bf16 autocast of the forward, on GPU only (CPU runs fp32)
+    trace: bool = False                # write OUTPUT_DIR/trace/rank<r>.jsonl: worker pid, example indices per step
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
@@ -184,6 +187,10 @@ class Config:
                            ("train.independent_temperature", self.train.independent_temperature)):
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
+        if self.train.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps: must be >= 1, got {self.train.grad_accum_steps}")
+        if self.train.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision: {self.train.precision!r}; choose bf16 or fp32")
         if not 0.0 < self.train.two_phase_split < 1.0:
             raise ConfigError(f"train.two_phase_split: must be in (0, 1), got {self.train.two_phase_split}")
         if self.train.independent_hard_negatives < 0:

@@ -1,16 +1,25 @@
 """The training step, independent of Ray: optimisers with separate retriever and generator learning rates,
-schedules, the generator warm-up (retriever frozen while the generator learns to read), gradient averaging
-across workers, and a resumable data order. `jobs/train.py` runs this inside Ray Train workers.
+schedules, the generator warm-up (retriever frozen while the generator learns to read), DistributedDataParallel
+over the modules that train, gradient accumulation, bf16 autocast, and a resumable data order.
+`jobs/train.py` runs this inside Ray Train workers (and hands in `ray.train.torch.prepare_model` as `wrap`).
+
+How DDP meets the estimators: an estimator calls several RagModel methods per batch (query encoder, posterior
+encoder, generator, sometimes twice, sometimes without gradient), so no single submodule's `forward` is "the"
+forward. `LossModule` registers the modules that train in the current phase and its `forward` runs the whole
+estimator loss; that module is what gets wrapped, so every gradient of the step flows through one DDP reducer.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def seed_everything(seed: int) -> None:
@@ -30,23 +39,66 @@ def lr_multiplier(step: int, warmup: int, total: int, decay: str) -> float:
 
 
 class DataOrder:
-    """Example indices for (step, rank): a fresh permutation per epoch, a function of the seed only, so a
-    resumed run continues exactly where it stopped and no example is lost or repeated."""
+    """Example indices for (step, micro-batch, rank): a fresh permutation per epoch, a function of the seed only, so
+    a resumed run continues exactly where it stopped and no example is lost or repeated.
 
-    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+    The stream is global: step s consumes examples [position(s), position(s) + per_step) of the endless sequence
+    of permutations, split into micro-batches and ranks. `rebase(step, position)` restarts the stream at a saved
+    position, so a run resumed with another number of workers or accumulation steps still loses nothing."""
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 accum_steps: int = 1):
         if n == 0:
             raise ValueError("no training examples")
         self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        self.accum_steps = accum_steps
+        self.per_step = batch_size * world_size * accum_steps
+        self.base_step, self.base_position = 0, 0
         self._perms: dict[int, np.ndarray] = {}
+
+    def rebase(self, step: int, position: int) -> None:
+        self.base_step, self.base_position = step, position
+
+    def position(self, step: int) -> int:
+        """Examples consumed by all workers before `step`."""
+        return self.base_position + (step - self.base_step) * self.per_step
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             self._perms = {epoch: np.random.default_rng(self.seed * 100_003 + epoch).permutation(self.n)}
         return self._perms[epoch]
 
-    def indices(self, step: int) -> list[int]:
-        first = (step * self.world_size + self.rank) * self.batch_size
+    def indices(self, step: int, micro: int = 0) -> list[int]:
+        first = self.position(step) + (micro * self.world_size + self.rank) * self.batch_size
         return [int(self._perm(g // self.n)[g % self.n]) for g in range(first, first + self.batch_size)]
+
+
+class LossModule(nn.Module):
+    """The unit DDP wraps: the modules that train in this phase, and a forward that is the estimator's loss.
+
+    `forward(questions, answers, rows)` -> (loss, diagnostics). The RagModel keeps its own (unwrapped) submodules,
+    so estimators, evaluation and checkpoints see the plain model; only the gradient sync goes through DDP."""
+
+    def __init__(self, model, objective, parts: dict[str, nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        object.__setattr__(self, "rag", model)            # not a registered submodule: DDP syncs only `parts`
+        object.__setattr__(self, "objective", objective)
+
+    def forward(self, questions, answers, rows=None):
+        if getattr(self.objective, "needs_rows", False):
+            out = self.objective.loss(self.rag, questions, answers, rows=rows)
+        else:
+            out = self.objective.loss(self.rag, questions, answers)
+        return out.loss, out.diagnostics
+
+
+def default_wrap(module: nn.Module) -> nn.Module:
+    """DDP over gloo/nccl when a process group is up (outside Ray Train); identity otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device_ids = [torch.cuda.current_device()] if next(module.parameters()).is_cuda else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    return module
 
 
 class RagTrainer:
@@ -62,9 +114,22 @@ class RagTrainer:
     """
 
     def __init__(self, model, estimator, train_rows: list[dict], train_cfg, retriever_lr: float,
-                 generator_lr: float, rank: int = 0, world_size: int = 1, data_source: str = "the training data"):
+                 generator_lr: float, rank: int = 0, world_size: int = 1, data_source: str = "the training data",
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, autocast: str | None = None):
+        """`wrap`: makes a LossModule distributed (DDP); jobs pass `ray.train.torch.prepare_model`, the default
+        wraps in DDP when a torch process group of more than one rank is up. `autocast`: a device type ("cuda",
+        "cpu") to run the forward under bf16 autocast, or None for fp32."""
         self.model, self.estimator, self.rows, self.cfg = model, estimator, train_rows, train_cfg
         self.rank, self.world_size = rank, world_size
+        self.wrap = wrap or default_wrap
+        self.autocast = autocast
+        self.accum_steps = max(1, int(getattr(train_cfg, "grad_accum_steps", 1) or 1))
+        self._wrapped: tuple[tuple[str, ...], nn.Module] | None = None
+        self.last_indices: list[list[int]] = []     # example indices of the last step, one list per micro-batch
+        if rank:
+            # every rank builds identical weights from the same seed; from here on each rank draws its own
+            # dropout masks and samples (rank 0 keeps the single-worker stream)
+            seed_everything(train_cfg.seed + 7919 * rank)
         self.strategy = getattr(train_cfg, "strategy", "joint")
         if self.strategy == "independent":
             from pipeline.estimators.independent import Independent, require_context_labels
@@ -77,7 +142,8 @@ class RagTrainer:
             self.objective = estimator
             if hasattr(estimator, "prepare"):
                 estimator.prepare(model)       # e.g. adds the posterior encoder for vrag / jsa
-        self.order = DataOrder(len(train_rows), train_cfg.batch_size, world_size, rank, train_cfg.seed)
+        self.order = DataOrder(len(train_rows), train_cfg.batch_size, world_size, rank, train_cfg.seed,
+                               self.accum_steps)
         self.retriever_params = [p for p in model.query_encoder.parameters()]
         posterior = getattr(model, "posterior_encoder", None)
         self.posterior_params = [p for p in posterior.parameters()] if posterior is not None else []
@@ -132,6 +198,23 @@ class RagTrainer:
             return "independent"
         return "generator warm-up (retriever frozen)" if self.retriever_frozen() else "joint"
 
+    def _loss_module(self, frozen: bool, gen_frozen: bool) -> nn.Module | None:
+        """The (wrapped) LossModule over the modules that train now; rebuilt when the phase changes."""
+        parts = {}
+        if not gen_frozen:
+            parts["generator"] = self.model.generator
+        if not frozen:
+            parts["query_encoder"] = self.model.query_encoder
+            if self.posterior_params:
+                parts["posterior_encoder"] = self.model.posterior_encoder
+        key = tuple(parts)
+        if not parts:
+            return None
+        if self._wrapped is None or self._wrapped[0] != key:
+            self._wrapped = None                       # drop the previous phase's DDP (and its gradient hooks)
+            self._wrapped = (key, self.wrap(LossModule(self.model, self.objective, parts)))
+        return self._wrapped[1]
+
     def step(self) -> dict:
         start = time.time()
         self.model.train()
@@ -141,18 +224,27 @@ class RagTrainer:
         if posterior is not None and self.posterior_params:
             posterior.requires_grad_(not frozen)
         self.model.generator.requires_grad_(not gen_frozen)
-        batch = [self.rows[i] for i in self.order.indices(self.step_num)]
-        questions = [r["question"] for r in batch]
-        answers = [r["answers"][0] for r in batch]
-        if getattr(self.objective, "needs_rows", False):
-            out = self.objective.loss(self.model, questions, answers, rows=batch)
-        else:
-            out = self.objective.loss(self.model, questions, answers)
+        module = self._loss_module(frozen, gen_frozen)
         self.optimizer.zero_grad(set_to_none=True)
-        if out.loss.requires_grad:
-            out.loss.backward()
-        if self.world_size > 1:
-            self._average_gradients()
+        losses, diags = [], []
+        self.last_indices = []
+        for micro in range(self.accum_steps):
+            idx = self.order.indices(self.step_num, micro)
+            self.last_indices.append(idx)
+            batch = [self.rows[i] for i in idx]
+            questions = [r["question"] for r in batch]
+            answers = [r["answers"][0] for r in batch]
+            # DDP all-reduces on the last micro-batch's backward only
+            sync = micro == self.accum_steps - 1 or not hasattr(module, "no_sync")
+            with (contextlib.nullcontext() if sync else module.no_sync()), self._autocast():
+                if module is None:
+                    loss, diag = LossModule(self.model, self.objective, {})(questions, answers, batch)
+                else:
+                    loss, diag = module(questions, answers, batch)
+            if loss.requires_grad:
+                (loss / self.accum_steps).backward()
+            losses.append(float(loss.detach()))
+            diags.append(diag)
         grad_norms = {
             "grad_norm/generator": 0.0 if gen_frozen else _grad_norm(self.generator_params),
             "grad_norm/retriever": 0.0 if frozen else _grad_norm(self.retriever_params),
@@ -172,33 +264,87 @@ class RagTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step_num += 1
-        return {"loss": float(out.loss.detach()), **out.diagnostics, **grad_norms, **lrs,
+        return {"loss": sum(losses) / len(losses), **_mean_dicts(diags), **grad_norms, **lrs,
                 "retriever_frozen": float(frozen), "generator_frozen": float(gen_frozen),
-                "step_seconds": time.time() - start}
+                "examples": float(self.order.per_step), "step_seconds": time.time() - start}
 
-    def _average_gradients(self) -> None:
-        for p in self.generator_params + self.retriever_params + self.posterior_params:
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= self.world_size
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.autocast, dtype=torch.bfloat16)
+
+    def _rank_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": rng, "estimator": self.estimator.state_dict()}
 
     def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the weights. With several workers this is a collective (every
+        rank must call it): each rank's RNG and estimator state (JSA's caches) is gathered into `ranks`."""
+        mine = self._rank_state()
+        if self.world_size > 1:
+            ranks: list = [None] * self.world_size
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
         return {"step": self.step_num, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "estimator": self.estimator.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "scheduler": self.scheduler.state_dict(),
+                "data": {"position": self.order.position(self.step_num), "seed": self.order.seed,
+                         "num_examples": self.order.n, "examples_per_step": self.order.per_step},
+                "world_size": self.world_size, "ranks": ranks,
+                # rank 0's, at the top level as before (older readers, single-worker tools)
+                "estimator": ranks[0]["estimator"], "rng": ranks[0]["rng"]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.estimator.load_state_dict(state.get("estimator", {}))
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        data = state.get("data")
+        if data is not None:
+            self.order.rebase(self.step_num, int(data["position"]))
+        ranks = state.get("ranks") or [{"rng": state.get("rng"), "estimator": state.get("estimator", {})}]
+        if len(ranks) == self.world_size:
+            mine = ranks[self.rank]
+            self.estimator.load_state_dict(mine.get("estimator", {}))
+            _set_rng(mine.get("rng"))
+        else:
+            # another number of workers: every rank gets the union of the saved estimator states and a fresh
+            # RNG stream derived from the seed and the step
+            self.estimator.load_state_dict(merge_states([r.get("estimator", {}) for r in ranks]))
+            seed_everything(self.cfg.seed + 7919 * self.rank + 104_729 * self.step_num)
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Union of per-rank estimator states: dict values (caches) are merged, later ranks win; others: the first."""
+    out: dict = {}
+    for st in states:
+        for k, v in (st or {}).items():
+            if isinstance(v, dict):
+                out.setdefault(k, {}).update(v)
+            else:
+                out.setdefault(k, v)
+    return out
+
+
+def _set_rng(rng: dict | None) -> None:
+    if not rng:
+        return
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    keys = {k for d in dicts for k in d}
+    out = {}
+    for k in keys:
+        vals = [d[k] for d in dicts if isinstance(d.get(k), (int, float))]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
 
 
 def _grad_norm(params) -> float:

@@ -93,3 +93,102 @@ def test_trainer_state_round_trip_continues_identically():
         return model.generator.weight.detach()
 
     assert torch.allclose(run(6), run(3))
+
+
+class _FeatureEstimator:
+    """A loss that depends on which examples the batch holds (question text = a number), with per-example state
+    (like JSA's cache) so that checkpoints must carry every rank's estimator state."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def loss(self, model, questions, answers):
+        from pipeline.estimators.base import EstimatorOutput
+
+        x = torch.tensor([[float(q), 1.0] for q in questions])
+        for q in questions:
+            self.cache[q] = self.cache.get(q, 0) + 1
+        pred = model.query_encoder(x) + model.generator(x)
+        return EstimatorOutput((pred - x[:, :1] / 10).pow(2).mean(), {"batch": float(len(questions))})
+
+    def state_dict(self):
+        return {"cache": dict(self.cache)}
+
+    def load_state_dict(self, s):
+        self.cache = dict(s.get("cache", {}))
+
+
+_ROWS = [{"question": str(i), "answers": ["a"]} for i in range(16)]
+
+
+def _train(steps, batch_size, accum=1, rank=0, world=1, seed=0):
+    torch.manual_seed(0)
+    model = _ToyModel()
+    cfg = TrainConfig(batch_size=batch_size, max_steps=steps, warmup_steps=0, lr_decay="constant",
+                      grad_accum_steps=accum, seed=seed)
+    t = RagTrainer(model, _FeatureEstimator(), _ROWS, cfg, 0.05, 0.05, rank=rank, world_size=world)
+    seen = []
+    for _ in range(steps):
+        m = t.step()
+        seen.append(t.last_indices)
+    return model, t, seen, m
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    big, _, seen_big, m_big = _train(5, batch_size=4)
+    acc, _, seen_acc, m_acc = _train(5, batch_size=2, accum=2)
+    for a, b in zip(big.parameters(), acc.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert [sum(s, []) for s in seen_acc] == [sum(s, []) for s in seen_big]     # same examples, same order
+    assert m_acc["examples"] == m_big["examples"] == 4.0 and m_acc["batch"] == 2.0
+
+
+def test_data_order_rebased_on_another_worker_count_loses_nothing():
+    one = DataOrder(40, 2, seed=5)
+    planned = [i for s in range(10) for i in one.indices(s)]
+    consumed = [i for s in range(4) for i in one.indices(s)]               # 4 steps on one worker ...
+    two = [DataOrder(40, 2, world_size=2, rank=r, seed=5) for r in range(2)]
+    for o in two:
+        o.rebase(4, one.position(4))                                        # ... resumed on two
+    consumed += [i for s in range(4, 7) for o in two for i in o.indices(s)]
+    assert consumed == planned
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model, trainer, seen, _ = _train(4, batch_size=2, rank=rank, world=world)
+        assert trainer._wrapped is not None and isinstance(trainer._wrapped[1],
+                                                           torch.nn.parallel.DistributedDataParallel)
+        state = trainer.state_dict()                                        # a collective: every rank calls it
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in model.parameters()], "state": state, "seen": seen}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_over_two_ranks_equals_one_process_with_the_global_batch(tmp_path):
+    """Two gloo ranks, batch 2 each, through DDP (LossModule wrapped): the same weights as one process with batch
+    4, and the checkpoint state carries both ranks' estimator caches."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    single, t1, seen1, _ = _train(4, batch_size=4)
+    for a, b in zip(got["params"], single.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    state = got["state"]
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    caches = [set(r["estimator"]["cache"]) for r in state["ranks"]]
+    assert caches[0] and caches[1] and not caches[0] & caches[1]            # each rank saw its own examples
+    assert caches[0] | caches[1] == set(t1.estimator.cache)
+    assert state["data"]["position"] == 4 * 4
