@@ -1,8 +1,20 @@
-"""`latentrag encode`: encode a passage directory into embedding shards with Ray Data.
+"""`latentrag encode`: encode a passage directory into embedding shards with Ray Data, resumably.
 
-Recipe: read_parquet(passage shards) -> map_batches(EncoderActor, actor pool of --num-actors, each loading the
-encoder once and running torch on --threads-per-actor threads) -> write_parquet(id, embedding) shards + an
-embeddings.json summary. `load_embeddings(out_dir)` reads them back as (ids, float32 [N, dim]) sorted by id.
+Recipe: read_parquet(passage shards not yet encoded, include_paths) -> map_batches(EncoderActor: an actor pool of
+--num-actors, each loading the encoder once and running torch on --threads-per-actor threads, on CPU or GPU) ->
+the driver streams the encoded blocks (`iter_batches`) into one output file per input shard,
+``emb-<input shard name>.parquet`` (id, embedding), written under a temporary name and renamed into place only when
+every row of that input shard is in it. A crashed or interrupted encode therefore keeps the shards it finished, and a
+rerun with the same settings skips them. Memory: an actor holds one batch at a time, the driver one open Parquet
+writer per input shard in flight (a row group each); neither holds the corpus.
+
+Files under --out:
+    encode.json           settings of the run (encoder + fingerprint, dtype, passages dir); a rerun must match them
+    emb-<shard>.parquet   one per input shard: id (string), embedding (fixed_size_list<float32|float16>[dim])
+    embeddings.json       written last: count, dim, dtype, fingerprints, per-shard rows, timings, actor peak RSS
+
+`load_embeddings(out_dir)` reads them back as (ids, float32 [N, dim]) sorted by id; `iter_embedding_shards` yields
+them shard by shard, checked against embeddings.json.
 """
 from __future__ import annotations
 
@@ -13,14 +25,28 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SUMMARY_NAME = "embeddings.json"
+SETTINGS_NAME = "encode.json"
+SHARD_PREFIX = "emb-"
 DTYPES = ("float32", "float16")
+_PATH_COL = "path"
+_RSS_COL = "__encoder_peak_rss_kb"
+
+
+from pipeline.index import IndexFormatError
+
+
+class EmbeddingsFormatError(IndexFormatError):
+    """An embeddings directory whose shards disagree with its embeddings.json (dim, rows, ids) or with the passages."""
 
 
 def passage_files(passages_dir: str | os.PathLike) -> list[str]:
@@ -34,14 +60,21 @@ def passage_files(passages_dir: str | os.PathLike) -> list[str]:
     return files
 
 
+def shard_output_name(passage_file: str | os.PathLike) -> str:
+    """The embedding shard written for one input passage shard: ``emb-<input file name>``."""
+    return SHARD_PREFIX + Path(passage_file).name
+
+
 class EncoderActor:
     """Ray Data callable class: loads the passage encoder once per actor, then encodes pyarrow batches.
 
-    Input batch columns: id, text, title (optional). Output: id (string), embedding (fixed_size_list<dtype>[dim]).
+    Input batch columns: id, text, title (optional), path (optional, passed through). Output: id (string),
+    embedding (fixed_size_list<dtype>[dim]), path, and the actor's peak RSS so far (KiB) for the run summary.
+    `device`: "cpu", "cuda" or "auto" (cuda when torch sees a GPU).
     """
 
     def __init__(self, encoder: str | None = "minilm", threads: int = 2, encode_batch_size: int = 32,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", device: str = "auto"):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
 
@@ -51,11 +84,16 @@ class EncoderActor:
         path = resolve_encoder_path(encoder)
         # a directory saved by save_encoder carries its pooling/normalisation; anything else uses the defaults
         self.encoder = load_encoder(path) if (Path(path) / "latentrag_encoder.json").is_file() else TextEncoder(path)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder.to(device)
         self.encoder.eval()
         self.encode_batch_size = int(encode_batch_size)
         self.dtype = np.dtype(dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import resource
+
         from pipeline.index import passage_text
 
         ids = batch.column("id").to_pylist()
@@ -69,64 +107,210 @@ class EncoderActor:
         out[order] = emb
         out = np.ascontiguousarray(out.astype(self.dtype, copy=False))
         values = pa.array(out.reshape(-1))
-        return pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
-                         "embedding": pa.FixedSizeListArray.from_arrays(values, out.shape[1])})
+        cols = {"id": pa.array([str(i) for i in ids], pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(values, out.shape[1])}
+        if _PATH_COL in batch.column_names:
+            cols[_PATH_COL] = batch.column(_PATH_COL).combine_chunks()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cols[_RSS_COL] = pa.array([rss] * len(ids), pa.int64())
+        return pa.table(cols)
+
+
+def _settings(passages_dir, encoder, dtype) -> dict:
+    from pipeline.models.retriever import encoder_fingerprint
+
+    return {"encoder": encoder, "encoder_fingerprint": encoder_fingerprint(encoder), "dtype": dtype,
+            "passages_dir": str(Path(passages_dir).resolve()),
+            "corpus_fingerprint": corpus_fingerprint(passages_dir)}
+
+
+def _atomic_write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_out_dir(out_dir: Path, settings: dict, overwrite: bool, resume: bool) -> None:
+    """Create `out_dir`, or check that an existing one is a resumable run of the same settings."""
+    settings_file = out_dir / SETTINGS_NAME
+    if out_dir.exists() and any(out_dir.iterdir()):
+        looks_ours = settings_file.is_file() or (out_dir / SUMMARY_NAME).is_file() or list(out_dir.glob("*.parquet"))
+        if overwrite:
+            if not looks_ours:
+                raise FileExistsError(f"refusing to overwrite {out_dir}: it does not look like an embeddings directory")
+            shutil.rmtree(out_dir)
+        elif not settings_file.is_file():
+            raise FileExistsError(f"output directory {out_dir} is not empty and holds no {SETTINGS_NAME} of an "
+                                  f"earlier encode to resume (pass overwrite=True / --overwrite)")
+        elif not resume:
+            raise FileExistsError(f"output directory {out_dir} is not empty (pass overwrite=True / --overwrite, or "
+                                  f"resume=True / --resume to finish an interrupted encode)")
+        else:
+            before = json.loads(settings_file.read_text())
+            for key in ("encoder_fingerprint", "dtype", "passages_dir"):
+                if before.get(key) != settings[key]:
+                    raise FileExistsError(
+                        f"cannot resume the encode in {out_dir}: {SETTINGS_NAME} has {key}={before.get(key)!r} but "
+                        f"this run has {settings[key]!r} (use --overwrite to start over)")
+            for tmp in out_dir.glob(".tmp-*"):       # partial shards of the interrupted run
+                tmp.unlink(missing_ok=True)
+            (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+            return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(settings, settings_file)
+
+
+class _ShardWriter:
+    """Streams encoded rows into ``emb-<shard>.parquet`` files, one per input shard, each renamed into place when
+    all of its rows are written (its row count is known from the input file's Parquet metadata)."""
+
+    def __init__(self, out_dir: Path, expected: dict[str, int], on_shard_done: Callable[[Path], None] | None):
+        self.out_dir, self.expected, self.on_shard_done = out_dir, expected, on_shard_done
+        self.writers: dict[str, tuple[pq.ParquetWriter, Path]] = {}
+        self.written: dict[str, int] = {name: 0 for name in expected}
+        self.peak_rss_kb = 0
+        self.done: list[str] = []
+
+    def add(self, batch: pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        self.peak_rss_kb = max(self.peak_rss_kb, int(pc.max(batch.column(_RSS_COL)).as_py()))
+        names = [Path(p).name for p in batch.column(_PATH_COL).to_pylist()]
+        data = batch.select(["id", "embedding"])
+        for name in dict.fromkeys(names):      # distinct names in first-seen order
+            if name not in self.expected:
+                raise RuntimeError(f"encoder returned rows of {name!r}, which is not an input shard of this run")
+            part = data.filter(pa.array([n == name for n in names])) if len(set(names)) > 1 else data
+            if name not in self.writers:
+                tmp = self.out_dir / f".tmp-{uuid.uuid4().hex}-{name}"
+                self.writers[name] = (pq.ParquetWriter(tmp, part.schema), tmp)
+            self.writers[name][0].write_table(part)
+            self.written[name] += part.num_rows
+            if self.written[name] > self.expected[name]:
+                raise RuntimeError(f"{name}: encoded {self.written[name]} rows, the shard holds {self.expected[name]}")
+            if self.written[name] == self.expected[name]:
+                self._commit(name)
+
+    def _commit(self, name: str) -> None:
+        writer, tmp = self.writers.pop(name)
+        writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        final = self.out_dir / shard_output_name(name)
+        os.replace(tmp, final)
+        self.done.append(name)
+        if self.on_shard_done is not None:
+            self.on_shard_done(final)
+        delay = float(os.environ.get("LATENTRAG_ENCODE_TEST_PAUSE_S", "0") or 0)  # test hook: widen the crash window
+        if delay:
+            time.sleep(delay)
+
+    def abort(self) -> None:
+        for writer, tmp in self.writers.values():
+            try:
+                writer.close()
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.writers.clear()
 
 
 def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike, encoder: str | None = "minilm",
-                    batch_size: int = 128, num_actors: int = 1, threads_per_actor: int = 2,
+                    batch_size: int = 512, num_actors: int = 1, threads_per_actor: int = 2,
                     dtype: str = "float32", encode_batch_size: int = 32, cpus_per_actor: float = 1,
-                    overwrite: bool = False) -> dict:
-    """Encode every passage under `passages_dir` into Parquet shards (id, embedding) under `out_dir`.
+                    gpus_per_actor: float = 0, overwrite: bool = False, resume: bool = True,
+                    on_shard_done: Callable[[Path], None] | None = None) -> dict:
+    """Encode every passage under `passages_dir` into ``emb-<shard>.parquet`` files (id, embedding) in `out_dir`.
 
     Runs on the Ray the caller started (or starts a local one). `batch_size` rows go to an actor per call, which
-    encodes them `encode_batch_size` at a time. `cpus_per_actor` is the logical CPU reservation of each actor (keep
-    it below the cluster's CPUs so read and write tasks can still run); `threads_per_actor` the torch threads it
-    really uses. Returns stats: count, dim, seconds, passages_per_s, ...
+    sorts them by length and encodes them `encode_batch_size` at a time. `cpus_per_actor` is the logical CPU
+    reservation of each actor (keep it below the cluster's CPUs so read tasks can still run), `threads_per_actor`
+    the torch threads it really uses, `gpus_per_actor` > 0 puts the actors on GPUs. An `out_dir` left by an
+    interrupted encode with the same encoder, dtype and passages is resumed (`resume`): finished shards are kept and
+    skipped. Returns stats: count, dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, ...
     """
     import ray
 
-    from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for key, value in (("batch_size", batch_size), ("num_actors", num_actors),
+                       ("threads_per_actor", threads_per_actor), ("encode_batch_size", encode_batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
     files = passage_files(passages_dir)
-    resolve_encoder_path(encoder)  # fail before any work when a local encoder path is missing
+    names = [Path(f).name for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{passages_dir}: passage shard names must be unique")
+    _passage_columns(files[0])
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output directory {out_dir} is not empty (pass overwrite=True / --overwrite)")
-        if not (out_dir / SUMMARY_NAME).is_file() and not list(out_dir.glob("*.parquet")):
-            raise FileExistsError(f"refusing to overwrite {out_dir}: it does not look like an embeddings directory")
-        shutil.rmtree(out_dir)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    settings = _settings(passages_dir, encoder, dtype)   # resolves the encoder: fails before any work
+    _prepare_out_dir(out_dir, settings, overwrite, resume)
 
+    expected = {Path(f).name: pq.read_metadata(f).num_rows for f in files}
+    todo = [f for f in files if not (out_dir / shard_output_name(f)).is_file()]
+    skipped = len(files) - len(todo)
     start = time.perf_counter()
-    ds = ray.data.read_parquet(files).select_columns(_passage_columns(files[0]))
-    ds = ds.map_batches(
-        EncoderActor,
-        fn_constructor_kwargs={"encoder": encoder, "threads": threads_per_actor,
-                               "encode_batch_size": encode_batch_size, "dtype": dtype},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        concurrency=num_actors,
-        num_cpus=cpus_per_actor,
-    )
-    ds.write_parquet(str(out_dir))
+    first_output_s = None
+    for f in [f for f in todo if expected[Path(f).name] == 0]:   # empty input shard: an empty output shard
+        pq.write_table(pa.table({"id": pa.array([], pa.string()),
+                                 "embedding": pa.array([], pa.list_(pa.float32()))}),
+                       out_dir / shard_output_name(f))
+    todo = [f for f in todo if expected[Path(f).name] > 0]
+    writer = _ShardWriter(out_dir, {Path(f).name: expected[Path(f).name] for f in todo}, on_shard_done)
+    if todo:
+        if not ray.is_initialized():
+            ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                               "TOKENIZERS_PARALLELISM": "false"}})
+        ds = ray.data.read_parquet(todo, include_paths=True)
+        ds = ds.select_columns(_passage_columns(todo[0]) + [_PATH_COL])
+        ds = ds.map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={"encoder": encoder, "threads": threads_per_actor,
+                                   "encode_batch_size": encode_batch_size, "dtype": dtype,
+                                   "device": "cuda" if gpus_per_actor else "cpu"},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=num_actors,
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+        )
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if first_output_s is None:
+                    first_output_s = time.perf_counter() - start
+                writer.add(batch)
+        except BaseException:
+            writer.abort()
+            raise
+        missing = {n: (writer.written[n], writer.expected[n]) for n in writer.expected if n not in writer.done}
+        if missing:
+            writer.abort()
+            raise RuntimeError(f"encode of {passages_dir} ended with unfinished shards (written, expected): {missing}")
     seconds = time.perf_counter() - start
 
-    shards = sorted(out_dir.glob("*.parquet"))
-    count = sum(pq.read_metadata(f).num_rows for f in shards)
-    dim = int(pq.read_schema(shards[0]).field("embedding").type.list_size) if shards else 0
+    shards = []
+    dim = 0
+    for f in files:
+        out = out_dir / shard_output_name(f)
+        meta = pq.read_metadata(out)
+        field = pq.read_schema(out).field("embedding")
+        if meta.num_rows:
+            dim = int(field.type.list_size)
+        shards.append({"file": out.name, "source": Path(f).name, "rows": meta.num_rows})
+    count = sum(s["rows"] for s in shards)
+    encoded = sum(expected[Path(f).name] for f in todo)
     stats = {"count": count, "dim": dim, "seconds": round(seconds, 3),
-             "passages_per_s": round(count / seconds, 2) if seconds > 0 else None,
+             "passages_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None,
+             "first_output_seconds": None if first_output_s is None else round(first_output_s, 3),
+             "encoded": encoded, "shards_encoded": len(todo), "shards_skipped": skipped,
+             "encoder_peak_rss_mb": round(writer.peak_rss_kb / 1024, 1) if writer.peak_rss_kb else None,
              "num_actors": num_actors, "threads_per_actor": threads_per_actor, "batch_size": batch_size,
-             "dtype": dtype, "encoder": encoder, "encoder_fingerprint": encoder_fingerprint(encoder),
-             "corpus_fingerprint": corpus_fingerprint(passages_dir), "passages_dir": str(Path(passages_dir)),
-             "out_dir": str(out_dir), "shards": len(shards)}
-    (out_dir / SUMMARY_NAME).write_text(json.dumps(stats, indent=2))
+             "encode_batch_size": encode_batch_size, "cpus_per_actor": cpus_per_actor,
+             "gpus_per_actor": gpus_per_actor, **settings, "passages_dir": str(Path(passages_dir)),
+             "out_dir": str(out_dir), "shards": shards}
+    _atomic_write_json(stats, out_dir / SUMMARY_NAME)
     return stats
 
 
@@ -157,29 +341,73 @@ def corpus_fingerprint(passages_dir: str | os.PathLike) -> str | None:
     return "files-" + h.hexdigest()[:16]
 
 
+def read_summary(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / SUMMARY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the encode of {out_dir} did not finish (rerun it to resume)")
+    return json.loads(path.read_text())
+
+
+def _shard_arrays(path: Path, dim: int | None) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(path, columns=["id", "embedding"])
+    ids = table.column("id").to_pylist()
+    if table.num_rows == 0:
+        return ids, np.zeros((0, dim or 0), np.float32)
+    col = table.column("embedding").combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        have = int(col.type.list_size)
+    else:  # variable-size lists (written by another tool): every row must have the same length
+        lengths = set(np.diff(col.offsets.to_numpy()).tolist())
+        if len(lengths) != 1:
+            raise EmbeddingsFormatError(f"{path}: embeddings have different lengths {sorted(lengths)[:5]}")
+        have = lengths.pop()
+    if dim is not None and have != dim:
+        raise EmbeddingsFormatError(f"{path}: embedding dimension {have} disagrees with dim {dim} in {SUMMARY_NAME}")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return ids, np.ascontiguousarray(flat.reshape(table.num_rows, have), dtype=np.float32)
+
+
+def iter_embedding_shards(out_dir: str | os.PathLike) -> Iterator[tuple[str, list[str], np.ndarray]]:
+    """(source passage shard name, ids, float32 [n, dim]) per shard, in input-shard order, each checked against
+    embeddings.json: its dimension and row count must match (`EmbeddingsFormatError` names the file)."""
+    out_dir = Path(out_dir)
+    summary = read_summary(out_dir)
+    dim = int(summary["dim"])
+    for shard in summary["shards"]:
+        path = out_dir / shard["file"]
+        if not path.is_file():
+            raise EmbeddingsFormatError(f"{path} is listed in {out_dir / SUMMARY_NAME} but missing")
+        ids, emb = _shard_arrays(path, dim)
+        if len(ids) != int(shard["rows"]):
+            raise EmbeddingsFormatError(f"{path}: {len(ids)} rows, {SUMMARY_NAME} says {shard['rows']}")
+        yield shard["source"], ids, emb
+
+
 def load_embeddings(out_dir: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """All embedding shards of `out_dir` as (ids, float32 [N, dim]), sorted by id (a deterministic order that does not
     depend on how Ray scheduled the blocks). Raises ValueError on duplicate ids or a ragged embedding column."""
-    shards = sorted(Path(out_dir).glob("*.parquet"))
+    out_dir = Path(out_dir)
+    shards = sorted(out_dir.glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"no embedding shards (*.parquet) in {out_dir}")
-    table = pa.concat_tables([pq.read_table(f, columns=["id", "embedding"]) for f in shards])
-    if table.num_rows == 0:
+    all_ids: list[str] = []
+    parts = []
+    dim = None
+    for f in shards:
+        ids, emb = _shard_arrays(f, dim)
+        if len(ids):
+            dim = emb.shape[1]
+            all_ids += ids
+            parts.append(emb)
+    if not all_ids:
         return [], np.zeros((0, 0), np.float32)
-    table = table.sort_by("id")
-    col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    if dim is None:  # variable-size lists (written by another tool): every row must have the same length
-        lengths = np.diff(col.offsets.to_numpy())
-        if len(set(lengths.tolist())) != 1:
-            raise ValueError(f"{out_dir}: embeddings have different lengths {sorted(set(lengths.tolist()))[:5]}")
-        dim = int(lengths[0])
-    emb = np.ascontiguousarray(flat.reshape(table.num_rows, dim), dtype=np.float32)
-    ids = table.column("id").to_pylist()
-    dup = np.flatnonzero(np.asarray(ids[1:], dtype=object) == np.asarray(ids[:-1], dtype=object))
-    if len(dup):
-        raise ValueError(f"{out_dir}: passage id {ids[int(dup[0])]!r} appears more than once")
+    emb = np.concatenate(parts)
+    order = np.argsort(np.asarray(all_ids, dtype=object), kind="stable")
+    ids = [all_ids[i] for i in order]
+    emb = np.ascontiguousarray(emb[order])
+    dup = [a for a, b in zip(ids[1:], ids[:-1]) if a == b]
+    if dup:
+        raise ValueError(f"{out_dir}: passage id {dup[0]!r} appears more than once")
     return ids, emb
 
 
@@ -187,18 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentrag encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--passages", required=True, help="passage directory (passages-*.parquet shards: id, title, text)")
-    p.add_argument("--out", required=True, help="output directory for the embedding shards (must be empty or absent)")
+    p.add_argument("--out", required=True,
+                   help="output directory for the embedding shards (absent, empty, or an interrupted encode to resume)")
     p.add_argument("--encoder", default="minilm",
                    help="encoder: 'minilm' (embedded all-MiniLM-L6-v2), a local model directory or a hub name")
-    p.add_argument("--batch-size", type=int, default=128, help="passages per map_batches call (default 128)")
+    p.add_argument("--batch-size", type=int, default=512, help="passages per map_batches call (default 512)")
     p.add_argument("--encode-batch-size", type=int, default=32,
                    help="passages per forward pass inside an actor, after sorting by length (default 32)")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
     p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each actor (default 2)")
     p.add_argument("--cpus-per-actor", type=float, default=1,
-                   help="logical CPUs Ray reserves per actor; leave room for read/write tasks (default 1)")
+                   help="logical CPUs Ray reserves per actor; leave room for read tasks (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: CPU actors, the default)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the shards (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing embeddings directory at --out")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse a non-empty --out instead of resuming an interrupted encode there")
     return p
 
 
@@ -213,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
         out = Path(args.out)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
+        if out.exists() and any(out.iterdir()) and not args.overwrite and not (out / SETTINGS_NAME).is_file():
             raise FileExistsError(f"output directory {out} is not empty (use --overwrite)")
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -225,11 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         stats = encode_passages(args.passages, args.out, encoder=args.encoder, batch_size=args.batch_size,
                                 num_actors=args.num_actors, threads_per_actor=args.threads_per_actor,
                                 dtype=args.dtype, encode_batch_size=args.encode_batch_size,
-                                cpus_per_actor=args.cpus_per_actor, overwrite=args.overwrite)
+                                cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                                overwrite=args.overwrite, resume=args.resume)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
-    print(json.dumps(stats, indent=2))
+    print(json.dumps({k: v for k, v in stats.items() if k != "shards"}, indent=2))
     return 0
 
 

@@ -1,8 +1,10 @@
 """`latentrag index`: encode passages with Ray Data and write a new FAISS index version.
 
-Recipe: passage shards -> jobs.encode (Ray Data actor pool) -> embedding shards in a scratch directory under the
-index root -> pipeline.index.write_index_version (FAISS build, root/v{N} written under a temporary name and renamed,
-then `current` replaced atomically) -> print the version directory and its manifest.
+Recipe: passage shards -> jobs.encode (Ray Data actor pool, resumable) -> embedding shards in a scratch directory
+under the index root -> each shard checked (dim, rows, ids against its passage shard) -> FAISS build: flat and
+ivfpq shard-parallel (ivfpq trained once on a sample, one Ray task per shard adds its vectors, parts merged in
+order), hnsw in one process -> pipeline.index.write_index_version (root/v{N} written under a temporary name and
+renamed, then `current` replaced atomically) -> print the version directory and its manifest.
 `latentrag index --verify --out ROOT_OR_VERSION` checks an existing index instead of building one.
 """
 from __future__ import annotations
@@ -12,25 +14,36 @@ import json
 import os
 import shutil
 import sys
-import uuid
+import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.index import INDEX_PARAMS, INDEX_TYPES, IndexFormatError, verify_index, write_index_version
+from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFormatError, add_vectors,
+                            deserialize_index, empty_index, merge_indexes, serialize_index, verify_index,
+                            write_index_version)
 
 
 def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, encoder: str | None = "minilm",
-                index_type: str = "flat", num_actors: int = 1, batch_size: int = 128, threads_per_actor: int = 2,
+                index_type: str = "flat", num_actors: int = 1, batch_size: int = 512, threads_per_actor: int = 2,
                 encode_batch_size: int = 32, cpus_per_actor: float = 1, verify: bool = False,
-                **index_params) -> Path:
+                gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
+                encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
+                dtype: str = "float32", **index_params) -> Path:
     """Encode `passages_dir` on the running Ray (or a local one) and write the next index version under
-    `index_root`; returns the version directory (also made `current`). Raises FileNotFoundError for a missing
-    passage directory or encoder path before anything is written."""
-    from jobs.encode import encode_passages, load_embeddings, passage_files
+    `index_root`; returns the version directory (made `current` unless `make_current=False`).
 
-    from pipeline.models.retriever import resolve_encoder_path
+    The encode goes to ``index_root/.embeddings-<encoder>-<corpus>`` and is resumed from there when an earlier
+    build crashed; it is removed once the version is written. Every embedding shard is checked against the encode
+    summary (dim, rows) and against its passage shard (same ids), else `EmbeddingsFormatError` names the file and no
+    version is written. flat and ivfpq indexes are built shard-parallel (`build_parallel`): ivfpq is trained once on
+    a sample, one Ray task per embedding shard adds that shard's vectors, and the parts are merged in shard order;
+    hnsw is built in one process. `encoder_name` (default: `encoder`) is what the manifest records.
+    Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
+    from jobs.encode import encode_passages, passage_files
+    from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
 
     files = passage_files(passages_dir)
     resolve_encoder_path(encoder)
@@ -38,30 +51,110 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
 
     index_root = Path(index_root)
     index_root.mkdir(parents=True, exist_ok=True)
-    scratch = index_root / f".embeddings-{uuid.uuid4().hex}"
-    try:
-        stats = encode_passages(passages_dir, scratch, encoder=encoder, batch_size=batch_size,
-                                num_actors=num_actors, threads_per_actor=threads_per_actor,
-                                encode_batch_size=encode_batch_size, cpus_per_actor=cpus_per_actor)
-        ids, embeddings = load_embeddings(scratch)
-        passages = _read_passages_sorted(files)
-        if passages.num_rows != len(ids) or passages.column("id").to_pylist() != ids:
-            raise IndexFormatError(f"encoded {len(ids)} passages but {passages_dir} holds {passages.num_rows}, "
-                                   f"or their ids differ: the passage directory changed while it was encoded?")
-        titles = passages.column("title").to_pylist() if "title" in passages.column_names else None
-        version_dir = write_index_version(
-            index_root, embeddings, ids, index_type, encoder_name=encoder,
-            encoder_fingerprint=stats["encoder_fingerprint"], corpus_fingerprint=stats["corpus_fingerprint"],
-            titles=titles, texts=passages.column("text").to_pylist(),
-            extra={"encode": {k: stats[k] for k in ("seconds", "passages_per_s", "num_actors", "threads_per_actor",
-                                                     "batch_size", "dtype")},
-                   "passages_dir": str(Path(passages_dir).resolve())},
-            **index_params)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    from jobs.encode import corpus_fingerprint
+
+    scratch = index_root / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-"
+                            f"{_slug(corpus_fingerprint(passages_dir))}")
+    stats = encode_passages(passages_dir, scratch, encoder=encoder, batch_size=batch_size,
+                            num_actors=num_actors, threads_per_actor=threads_per_actor,
+                            encode_batch_size=encode_batch_size, cpus_per_actor=cpus_per_actor,
+                            gpus_per_actor=gpus_per_actor, dtype=dtype, resume=True)
+    t0 = time.perf_counter()
+    ids, embeddings, titles, texts, shard_rows = _gather_checked(scratch, files)
+    params = dict(index_params)
+    threads = params.pop("threads", None)
+    index = None
+    parallel = build_parallel and index_type in MERGEABLE_TYPES and len(shard_rows) > 1
+    if parallel:
+        index = _build_shard_parallel(embeddings, shard_rows, index_type, build_cpus, threads, params)
+    build_seconds = time.perf_counter() - t0
+    version_dir = write_index_version(
+        index_root, embeddings, ids, index_type, encoder_name=encoder_name or encoder,
+        encoder_fingerprint=stats["encoder_fingerprint"], corpus_fingerprint=stats["corpus_fingerprint"],
+        titles=titles, texts=texts, make_current=make_current, index=index, threads=threads,
+        extra={"encode": {k: stats[k] for k in ("seconds", "passages_per_s", "num_actors", "threads_per_actor",
+                                                 "batch_size", "dtype", "shards_encoded", "shards_skipped",
+                                                 "encoder_peak_rss_mb")},
+               "build": {"shard_parallel": parallel, "shards": len(shard_rows),
+                         "gather_and_parallel_build_seconds": round(build_seconds, 3)},
+               "passages_dir": str(Path(passages_dir).resolve()), **(extra or {})},
+        **params)
+    shutil.rmtree(scratch, ignore_errors=True)
     if verify:
         verify_index(version_dir)
     return version_dir
+
+
+def _slug(text: str | None) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))[:40]
+
+
+def _gather_checked(emb_dir: Path, passage_files_: list[str]):
+    """Rows in shard order (input shards, then the order inside each): ids, float32 embeddings, titles, texts, and
+    the row count of each shard. Each embedding shard must hold exactly the ids of its passage shard."""
+    from jobs.encode import EmbeddingsFormatError, iter_embedding_shards
+
+    by_name = {Path(f).name: f for f in passage_files_}
+    ids, parts, titles, texts, shard_rows = [], [], [], [], []
+    seen = set()
+    for source, shard_ids, emb in iter_embedding_shards(emb_dir):
+        if source not in by_name:
+            raise EmbeddingsFormatError(f"{emb_dir}: embeddings of {source!r}, which is not a passage shard any more")
+        passages = _read_passage_shard(by_name.pop(source))
+        pid = passages.column("id").to_pylist()
+        pos = {p: i for i, p in enumerate(pid)}
+        if len(shard_ids) != len(pid) or set(shard_ids) != set(pos):
+            extra = sorted(set(shard_ids) - set(pos))[:3]
+            lacking = sorted(set(pos) - set(shard_ids))[:3]
+            raise EmbeddingsFormatError(
+                f"{emb_dir / ('emb-' + source)}: its ids disagree with passage shard {source} "
+                f"({len(shard_ids)} vs {len(pid)} rows; not in the passages: {extra}; not encoded: {lacking})")
+        dup = seen.intersection(shard_ids)
+        if dup:
+            raise EmbeddingsFormatError(f"passage id {sorted(dup)[0]!r} appears in more than one shard "
+                                        f"(again in {source})")
+        seen.update(shard_ids)
+        take = pa.array([pos[i] for i in shard_ids], pa.int64())
+        ids += shard_ids
+        titles += passages.column("title").take(take).to_pylist()
+        texts += passages.column("text").take(take).to_pylist()
+        parts.append(emb)
+        shard_rows.append(len(shard_ids))
+    if by_name:
+        raise EmbeddingsFormatError(f"{emb_dir}: no embeddings for passage shard(s) {sorted(by_name)[:5]}")
+    nonempty = [p for p in parts if len(p)]
+    if not nonempty:
+        raise IndexFormatError(f"{emb_dir}: no passages to index")
+    return ids, np.concatenate(nonempty), titles, texts, shard_rows
+
+
+def _build_shard_parallel(embeddings: np.ndarray, shard_rows: list[int], index_type: str, build_cpus: float,
+                          threads: int | None, params: dict):
+    """ivfpq: train on a sample in the driver; then one Ray task per shard adds its rows; merge in shard order."""
+    import ray
+
+    n = len(embeddings)
+    empty, _ = empty_index(index_type, n, embeddings, threads=threads, **params)
+    empty_ref = ray.put(serialize_index(empty))
+    edges = np.cumsum([0] + shard_rows)
+    add_shard = ray.remote(_add_shard).options(num_cpus=build_cpus)
+    refs = [add_shard.remote(empty_ref, ray.put(embeddings[lo:hi]), threads)
+            for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    return merge_indexes([deserialize_index(b) for b in ray.get(refs)])
+
+
+def _add_shard(empty_bytes, embeddings, threads):
+    """Ray task body: a copy of the empty (trained) index holding one shard's vectors, serialized."""
+    return serialize_index(add_vectors(empty_bytes, embeddings, threads=threads if threads else 1))
+
+
+def _read_passage_shard(f: str) -> pa.Table:
+    names = pq.read_schema(f).names
+    t = pq.read_table(f, columns=[c for c in ("id", "title", "text") if c in names])
+    if "title" not in t.column_names:
+        t = t.append_column("title", pa.array([""] * t.num_rows, pa.string()))
+    return t.select(["id", "title", "text"]).cast(pa.schema(
+        [("id", pa.string()), ("title", pa.string()), ("text", pa.string())])).combine_chunks()
 
 
 def _check_index_params(index_type: str, params: dict) -> None:
@@ -71,18 +164,6 @@ def _check_index_params(index_type: str, params: dict) -> None:
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for a {index_type} index; "
                          f"it takes {', '.join(INDEX_PARAMS[index_type]) or 'none'}")
-
-
-def _read_passages_sorted(files: list[str]) -> pa.Table:
-    tables = []
-    for f in files:
-        names = pq.read_schema(f).names
-        t = pq.read_table(f, columns=[c for c in ("id", "title", "text") if c in names])
-        if "title" not in t.column_names:
-            t = t.append_column("title", pa.array([""] * t.num_rows, pa.string()))
-        tables.append(t.select(["id", "title", "text"]).cast(pa.schema(
-            [("id", pa.string()), ("title", pa.string()), ("text", pa.string())])))
-    return pa.concat_tables(tables).sort_by("id")
 
 
 def _parse_param(item: str) -> tuple[str, int | float | str]:
@@ -112,8 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index parameter, repeatable: hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, "
                         "nprobe, refine_factor, train_size")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
-    p.add_argument("--batch-size", type=int, default=128, help="passages per map_batches call (default 128)")
+    p.add_argument("--batch-size", type=int, default=512, help="passages per map_batches call (default 512)")
+    p.add_argument("--encode-batch-size", type=int, default=32, help="passages per forward pass (default 32)")
     p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each encoder actor (default 2)")
+    p.add_argument("--cpus-per-actor", type=float, default=1, help="logical CPUs Ray reserves per actor (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per encoder actor (default 0: CPU)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of the intermediate embedding shards (the index holds float32)")
+    p.add_argument("--no-parallel-build", dest="build_parallel", action="store_false",
+                   help="build flat/ivfpq in one process instead of one Ray task per embedding shard + merge")
     p.add_argument("--verify", action="store_true",
                    help="check the index (counts, checksum, sampled vectors); alone, checks --out without building")
     return p
@@ -143,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         passage_files(args.passages)
         resolve_encoder_path(args.encoder)
         _check_index_params(args.index_type, dict(args.param))
-        for flag in ("num_actors", "batch_size", "threads_per_actor"):
+        for flag in ("num_actors", "batch_size", "threads_per_actor", "encode_batch_size"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     except (FileNotFoundError, ValueError) as exc:
@@ -159,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version_dir = build_index(args.passages, args.out, encoder=args.encoder, index_type=args.index_type,
                                   num_actors=args.num_actors, batch_size=args.batch_size,
-                                  threads_per_actor=args.threads_per_actor, **dict(args.param))
+                                  threads_per_actor=args.threads_per_actor,
+                                  encode_batch_size=args.encode_batch_size, cpus_per_actor=args.cpus_per_actor,
+                                  gpus_per_actor=args.gpus_per_actor, dtype=args.dtype,
+                                  build_parallel=args.build_parallel, **dict(args.param))
         report = verify_index(version_dir) if args.verify else None
-    except (IndexFormatError, FileNotFoundError) as exc:
+    except (IndexFormatError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

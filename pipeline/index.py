@@ -193,6 +193,143 @@ def _apply_search_params(index: faiss.Index, index_type: str, params: dict) -> N
 
 
 # --------------------------------------------------------------------------------------------------------------
+# shard-parallel builds: an empty (trained) index, parts filled shard by shard (in Ray tasks), merged in order
+# --------------------------------------------------------------------------------------------------------------
+
+MERGEABLE_TYPES = ("flat", "ivfpq")
+
+
+def empty_index(index_type: str, n: int, sample: np.ndarray, metric: str = "ip", threads: int | None = None,
+                **params: Any) -> tuple[faiss.Index, dict]:
+    """An index of `index_type` for n vectors that holds none yet, and its resolved params. ivfpq is trained here on
+    `sample` (vectors drawn from the corpus; at most `train_size` of them are used), flat needs no training. Fill
+    copies of it with `add_vectors` (one per embedding shard, in parallel) and join them with `merge_indexes`.
+    HNSW graphs cannot be merged: an hnsw index is built in one process (`build_faiss_index`, OpenMP threads)."""
+    if index_type not in MERGEABLE_TYPES:
+        raise IndexFormatError(f"a {index_type} index cannot be built shard-parallel and merged "
+                               f"(only {', '.join(MERGEABLE_TYPES)}); build it in one process")
+    if metric not in METRICS:
+        raise IndexFormatError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    sample = _check_embeddings(sample)
+    d = sample.shape[1]
+    p = resolve_params(index_type, int(n), d, **params)
+    if index_type == "flat":
+        return (faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)), p
+    quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFPQ(quantizer, d, p["nlist"], p["m"], p["nbits"], METRICS[metric])
+    if len(sample) > p["train_size"]:
+        rng = np.random.default_rng(p["seed"])
+        sample = sample[np.sort(rng.choice(len(sample), p["train_size"], replace=False))]
+    index.cp.seed = p["seed"]
+    index.pq.cp.seed = p["seed"]
+    with _omp_threads(int(n), threads):
+        index.train(sample)
+    index.nprobe = p["nprobe"]
+    return index, p
+
+
+def serialize_index(index: faiss.Index) -> np.ndarray:
+    return faiss.serialize_index(index)
+
+
+def deserialize_index(data: np.ndarray) -> faiss.Index:
+    return faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
+
+
+def add_vectors(empty: faiss.Index | np.ndarray, embeddings: np.ndarray, threads: int | None = None) -> faiss.Index:
+    """A copy of `empty` (an index or its serialized bytes) holding `embeddings`, rows 0..n-1 in order."""
+    index = deserialize_index(empty if isinstance(empty, np.ndarray) else serialize_index(empty))
+    emb = _check_embeddings(embeddings)
+    if emb.shape[1] != index.d:
+        raise IndexFormatError(f"embeddings have dim {emb.shape[1]}, the index {index.d}")
+    with _omp_threads(len(emb), threads):
+        index.add(emb)
+    return index
+
+
+def merge_indexes(parts: list[faiss.Index]) -> faiss.Index:
+    """One index holding parts[0]'s rows, then parts[1]'s, ...: row numbers continue across parts (FAISS
+    `merge_from`, exact for flat and for ivfpq parts made from one trained `empty_index`)."""
+    if not parts:
+        raise IndexFormatError("no index parts to merge")
+    merged = deserialize_index(serialize_index(parts[0]))
+    for part in parts[1:]:
+        if part.d != merged.d:
+            raise IndexFormatError(f"cannot merge index parts of dims {merged.d} and {part.d}")
+        merged.merge_from(part, merged.ntotal if isinstance(merged, faiss.IndexIVF) else 0)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sharded search: N shards each hold rows [lo, hi) of a version; the query goes to all, the top-k are merged exactly
+# --------------------------------------------------------------------------------------------------------------
+
+def shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of `num_shards` near-equal contiguous shards of n rows."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if num_shards > n:
+        raise ValueError(f"num_shards={num_shards} is more than the {n} rows of the index")
+    edges = [n * i // num_shards for i in range(num_shards + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of the union of per-shard results [(scores [B, k_i], global rows [B, k_i]), ...].
+
+    Best first: highest inner product ("ip") or smallest distance ("l2"); equal scores break ties by row number;
+    rows -1 (a shard with fewer than k vectors) never beat a real row. Pads with -1 like FAISS when the shards hold
+    fewer than k rows in all."""
+    scores = np.concatenate([np.asarray(s, dtype=np.float32) for s, _ in parts], axis=1)
+    rows = np.concatenate([np.asarray(r, dtype=np.int64) for _, r in parts], axis=1)
+    key = -scores if metric == "ip" else scores.copy()
+    key = np.where(rows < 0, np.inf, key)
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), key), axis=1)[:, :k]
+    top_rows = np.take_along_axis(rows, order, axis=1)
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    if top_rows.shape[1] < k:
+        pad = k - top_rows.shape[1]
+        top_rows = np.pad(top_rows, ((0, 0), (0, pad)), constant_values=-1)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf if metric == "ip" else np.inf)
+    return top_scores, top_rows
+
+
+class IndexShard:
+    """Rows [lo, hi) of an index version, searched on their own (exact, over a memory-mapped slice of
+    embeddings.npy): `search` returns global row numbers. Plain Python; jobs/sharded_index.py runs one per Ray actor
+    so that no process holds more than 1/N of the vectors."""
+
+    def __init__(self, root_or_version: str | os.PathLike, lo: int, hi: int,
+                 expected_encoder_fingerprint: str | None = None):
+        version_dir = resolve_version_dir(root_or_version)
+        self.manifest = json.loads((version_dir / MANIFEST_NAME).read_text())
+        _check_encoder(version_dir, self.manifest, expected_encoder_fingerprint)
+        n = int(self.manifest["count"])
+        if not 0 <= lo < hi <= n:
+            raise ValueError(f"shard rows [{lo}, {hi}) out of range for index {version_dir} of {n} rows")
+        self.path, self.lo, self.hi = version_dir, int(lo), int(hi)
+        emb = np.load(version_dir / EMBEDDINGS_NAME, mmap_mode="r")
+        self.metric = self.manifest.get("metric", "ip")
+        self.index = build_faiss_index(np.asarray(emb[lo:hi], dtype=np.float32), "flat", self.metric)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.index.d:
+            raise ValueError(f"query vectors must have shape [B, {self.index.d}], got {q.shape}")
+        scores, rows = self.index.search(q, min(int(k), len(self)))
+        return scores, np.where(rows < 0, -1, rows + self.lo)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # version directories
 # --------------------------------------------------------------------------------------------------------------
 
@@ -264,12 +401,13 @@ def write_index_version(root: str | os.PathLike, embeddings: np.ndarray, ids: An
                         encoder_name: str | None = None, encoder_fingerprint: str | None = None,
                         corpus_fingerprint: str | None = None, titles: Any = None, texts: Any = None,
                         metric: str = "ip", make_current: bool = True, extra: dict | None = None,
-                        **params: Any) -> Path:
+                        index: faiss.Index | None = None, **params: Any) -> Path:
     """Build an index over `embeddings` and write it as the next version ``root/v{N}``; returns that directory.
 
     Everything is validated and built in memory first, then written into ``root/.tmp-*`` and renamed into place, so
     bad input leaves nothing behind and a reader never sees a partial version. With `make_current` (the default)
     ``root/current`` then points at the new version. `extra` (JSON-able) is stored in the manifest under "build".
+    `index`: an index already built over exactly these rows in this order (a shard-parallel build), else one is built.
     """
     emb = _check_embeddings(embeddings)
     n, d = emb.shape
@@ -290,7 +428,11 @@ def write_index_version(root: str | os.PathLike, embeddings: np.ndarray, ids: An
     if texts is not None:
         columns["text"] = pa.array(_str_column(texts, "texts", n), pa.string())
     threads = params.pop("threads", None)
-    index = build_faiss_index(emb, index_type, metric, threads=threads, **params)
+    if index is None:
+        index = build_faiss_index(emb, index_type, metric, threads=threads, **params)
+    elif index.ntotal != n or index.d != d:
+        raise IndexFormatError(f"the prebuilt index holds {index.ntotal} vectors of dim {index.d}, "
+                               f"the embeddings {n} of dim {d}")
     resolved = resolve_params(index_type, n, d, **params)
 
     root = Path(root)
@@ -443,6 +585,15 @@ class LoadedIndex:
         return f"LoadedIndex({self.path}, version={m['version']}, type={m['type']}, count={m['count']}, dim={m['dim']})"
 
 
+def _check_encoder(version_dir: Path, manifest: dict, expected_encoder_fingerprint: str | None) -> None:
+    have = manifest.get("encoder_fingerprint")
+    if expected_encoder_fingerprint is not None and have != expected_encoder_fingerprint:
+        raise IndexMismatchError(
+            f"index {version_dir} was built with encoder fingerprint {have} (encoder {manifest.get('encoder')!r}), "
+            f"but it is being queried with an encoder whose fingerprint is {expected_encoder_fingerprint}; "
+            f"rebuild the index with this encoder (`latentrag index`) or query it with the encoder it was built with")
+
+
 def load_index(root_or_version_dir: str | os.PathLike, expected_encoder_fingerprint: str | None = None,
                mmap: bool = True) -> LoadedIndex:
     """Open an index root (via its ``current`` pointer) or a version directory.
@@ -452,12 +603,7 @@ def load_index(root_or_version_dir: str | os.PathLike, expected_encoder_fingerpr
     """
     version_dir = resolve_version_dir(root_or_version_dir)
     manifest = json.loads((version_dir / MANIFEST_NAME).read_text())
-    have = manifest.get("encoder_fingerprint")
-    if expected_encoder_fingerprint is not None and have != expected_encoder_fingerprint:
-        raise IndexMismatchError(
-            f"index {version_dir} was built with encoder fingerprint {have} (encoder {manifest.get('encoder')!r}), "
-            f"but it is being queried with an encoder whose fingerprint is {expected_encoder_fingerprint}; "
-            f"rebuild the index with this encoder (`latentrag index`) or query it with the encoder it was built with")
+    _check_encoder(version_dir, manifest, expected_encoder_fingerprint)
     for name in (INDEX_NAME, EMBEDDINGS_NAME, PASSAGES_NAME):
         if not (version_dir / name).is_file():
             raise FileNotFoundError(f"index version {version_dir} is missing {name}")
