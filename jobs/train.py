@@ -54,9 +54,51 @@ def _log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- worker side
+def dev_score(dev: dict, metric: str) -> float:
+    """The checkpoint-selection score: one dev metric (`f1`, `recall@5`, ...) or a sum of them (`em+recall@1`)."""
+    return float(sum(dev.get(k.strip()) or 0.0 for k in metric.split("+")))
+
+
+def _mlflow_key(k: str) -> str:
+    return k.replace("@", "_at_")
+
+
+def _attach_mlflow(tracking_uri: str, run_id: str):
+    """Rank 0's MLflow session, through Ray's `setup_mlflow`, continuing the run the driver created.
+
+    MLFLOW_RUN_ID (set here, in this worker process only) makes `mlflow.start_run` inside setup_mlflow resume that
+    run instead of opening a new one. setup_mlflow sets process-global MLflow state (tracking URI, active run); that
+    is harmless in a Train worker (its own process, gone after the run) but would leak from the driver into every
+    worker it starts, which is why the driver keeps to an explicit MlflowClient (pipeline.tracking.Tracker)."""
+    from mlflow.tracking import MlflowClient
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return setup_mlflow(tracking_uri=tracking_uri, experiment_id=experiment_id, rank_zero_only=True)
+
+
+class _Trace:
+    """OUTPUT_DIR/trace/rank<r>.jsonl (train.trace): this worker's pid at start and the example indices of every
+    step, so a test can kill a worker for real and check that no example was lost."""
+
+    def __init__(self, out_dir: str | None, rank: int, enabled: bool):
+        self.path = Path(out_dir) / "trace" / f"rank{rank}.jsonl" if enabled and out_dir else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker. `config` holds the resolved run config and paths, all plain values."""
     import ray.train
+    import ray.train.torch
     from ray.train import Checkpoint
 
     from pipeline.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
@@ -64,7 +106,6 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.estimators import build_estimator
     from pipeline.evaluation import evaluate
     from pipeline.index import load_index
-    from pipeline.tracking import Tracker
     from pipeline.training import RagTrainer, seed_everything
 
     cfg = from_dict(config["cfg"])
@@ -72,6 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads)
     seed_everything(cfg.train.seed)          # same seed on every rank: identical initial weights
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    trace = _Trace(cfg.output_dir, rank, cfg.train.trace)
 
     trainer_state = None
     resume_dir = None
@@ -86,61 +129,86 @@ def train_loop_per_worker(config: dict) -> None:
         trainer_state = load_trainer_state(config["resume_from"])
         resume_dir = config["resume_from"]
     else:
+        # the index is memory-mapped (FAISS IO_FLAG_MMAP where the type allows, embeddings.npy via np.load):
+        # workers on one node share its pages
         model = build_model(cfg, load_index(config["index_dir"]), config["train_rows"])
+    model.to(device)
 
     estimator = build_estimator(cfg.train.estimator, k=cfg.train.k, cfg=cfg.estimator)
     rows = config["train_rows"]
+
+    def wrap(module):
+        # DDP when world > 1 (identity otherwise); find_unused_parameters: MiniLM's pooler and any head the
+        # estimator does not touch in a step get no gradient
+        return ray.train.torch.prepare_model(module, move_to_device=False,
+                                             parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    autocast = "cuda" if device.type == "cuda" and cfg.train.precision == "bf16" else None
     trainer = RagTrainer(model, estimator, rows, cfg.train, cfg.retriever.lr if cfg.retriever.train_query_encoder
                          else 0.0, cfg.generator.lr, rank=rank, world_size=world,
                          data_source=f"data.train_qa ({cfg.data.train_qa})" if cfg.data.train_qa
-                         else "the synthetic training questions")
+                         else "the synthetic training questions", wrap=wrap, autocast=autocast)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         if rank == 0:
             _log(f"[train] resumed from {resume_dir} at step {trainer.step_num}")
+    trace.write(event="start", pid=os.getpid(), step=trainer.step_num, world_size=world,
+                estimator_state_size=sum(len(v) if isinstance(v, dict) else 1
+                                         for v in estimator.state_dict().values()))
 
-    tracker = Tracker.attach(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
+    mlflow = _attach_mlflow(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") \
+        else None
     total = cfg.train.max_steps
     every_ckpt = cfg.train.checkpoint_every or total
+    use_dev = bool(cfg.train.eval_every and config.get("dev_rows"))
     t0, steps_since, window_loss = time.time(), 0, []
     while trainer.step_num < total:
         metrics = trainer.step()
+        trace.write(step=trainer.step_num - 1, indices=trainer.last_indices)
         steps_since += 1
         window_loss.append(metrics["loss"])
         step = trainer.step_num
         if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
-            rate = steps_since / max(time.time() - t0, 1e-9)
+            elapsed = max(time.time() - t0, 1e-9)
+            rate = steps_since / elapsed
+            examples_per_s = steps_since * metrics["examples"] / elapsed
             phase = trainer.phase()
             _log(f"[train] step {step}/{total}  loss {sum(window_loss) / len(window_loss):.3f}  "
-                 f"{rate:.2f} steps/s  {rate * cfg.train.batch_size * world:.1f} ex/s  {phase}")
-            if tracker:
-                tracker.log_metrics({**metrics, "steps_per_s": rate,
-                                     "examples_per_s": rate * cfg.train.batch_size * world}, step=step)
+                 f"{rate:.2f} steps/s  {examples_per_s:.1f} ex/s  {phase}")
+            if mlflow:
+                mlflow.log_metrics({_mlflow_key(k): float(v) for k, v in metrics.items()
+                                    if isinstance(v, (int, float)) and v == v}
+                                   | {"steps_per_s": rate, "examples_per_s": examples_per_s}, step=step)
             t0, steps_since, window_loss = time.time(), 0, []
         report = {"step": step, "loss": metrics["loss"]}
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and config.get("dev_rows"):
+        if use_dev and step % cfg.train.eval_every == 0:
             if rank == 0:
                 dev, _ = evaluate(model, config["dev_rows"], k=cfg.eval.k, estimator=cfg.train.estimator,
                                   max_questions=cfg.eval.max_questions)
                 report.update({f"dev_{k}": v for k, v in dev.items() if v is not None})
-                report["dev_score"] = dev["em"] + (dev["recall@1"] or 0.0)
+                report["dev_score"] = dev_score(dev, cfg.train.best_metric)
                 _log(f"[train] step {step} dev em {dev['em']:.3f} f1 {dev['f1']:.3f} "
-                     f"recall@1 {dev['recall@1']} recall@5 {dev['recall@5']}")
-                if tracker:
-                    tracker.log_metrics({f"dev_{k}": v for k, v in dev.items() if v is not None}, step=step)
+                     f"recall@1 {dev['recall@1']} recall@5 {dev['recall@5']}  "
+                     f"({cfg.train.best_metric} {report['dev_score']:.3f})")
+                if mlflow:
+                    mlflow.log_metrics({_mlflow_key(f"dev_{k}"): float(v) for k, v in dev.items()
+                                        if isinstance(v, (int, float))}
+                                       | {"dev_score": report["dev_score"]}, step=step)
             else:
                 report["dev_score"] = float("nan")
         if step % every_ckpt == 0 or step == total:
+            state = trainer.state_dict()        # a collective: every rank's RNG and estimator state
+            if use_dev and "dev_score" not in report:
+                report["dev_score"] = float("-inf")    # checkpoints between evaluations never count as best
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    save_checkpoint(Path(tmp) / "ckpt", model, cfg, step, trainer.state_dict())
+                    save_checkpoint(Path(tmp) / "ckpt", model, cfg, step, state,
+                                    extra={"data_position": state["data"]["position"], "world_size": world})
                     ckpt = Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
                 ray.train.report(report, checkpoint=ckpt)
         elif "dev_score" in report:
             ray.train.report(report)
-    if tracker:
-        tracker.flush()
 
 
 # --------------------------------------------------------------------------------------------- driver side
@@ -231,7 +299,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
                 # a fresh name per run: Ray Train restores a same-named run from its last checkpoint, which must
                 # only happen after a worker failure inside this run (`--resume` uses OUTPUT_DIR/checkpoint)
                 name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{tracker.run_id[:8]}", storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=2),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=2,
                     checkpoint_score_attribute="dev_score" if use_dev else None,

@@ -91,6 +91,8 @@ class TrainConfig:
     grad_accum_steps: int = 1          # micro-batches of batch_size per optimiser step (per worker)
     precision: str = "bf16"            # bf16 | fp32: bf16 autocast of the forward, on GPU only (CPU runs fp32)
     trace: bool = False                # write OUTPUT_DIR/trace/rank<r>.jsonl: worker pid, example indices per step
+    best_metric: str = "em+recall@1"   # dev metric (or sum, "a+b") that picks the best checkpoint (eval_every > 0)
+    max_failures: int = 2              # Ray Train FailureConfig: worker-group restarts from the last checkpoint
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
