@@ -43,7 +43,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     hnsw is built in one process. `encoder_name` (default: `encoder`) is what the manifest records.
     Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
     from jobs.encode import encode_passages, passage_files
-    from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
+    from pipeline.models.retriever import resolve_encoder_path
 
     files = passage_files(passages_dir)
     resolve_encoder_path(encoder)
@@ -51,10 +51,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
 
     index_root = Path(index_root)
     index_root.mkdir(parents=True, exist_ok=True)
-    from jobs.encode import corpus_fingerprint
-
-    scratch = index_root / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-"
-                            f"{_slug(corpus_fingerprint(passages_dir))}")
+    scratch = scratch_dir(index_root, passages_dir, encoder, dtype)
     stats = encode_passages(passages_dir, scratch, encoder=encoder, batch_size=batch_size,
                             num_actors=num_actors, threads_per_actor=threads_per_actor,
                             encode_batch_size=encode_batch_size, cpus_per_actor=cpus_per_actor,
@@ -83,6 +80,16 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     if verify:
         verify_index(version_dir)
     return version_dir
+
+
+def scratch_dir(index_root: str | os.PathLike, passages_dir: str | os.PathLike, encoder: str | None,
+                dtype: str = "float32") -> Path:
+    """Where `build_index` encodes (and, after a crash, resumes encoding) this corpus with this encoder."""
+    from jobs.encode import corpus_fingerprint
+    from pipeline.models.retriever import encoder_fingerprint
+
+    return Path(index_root) / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-"
+                               f"{_slug(corpus_fingerprint(passages_dir))}")
 
 
 def _slug(text: str | None) -> str:

@@ -68,3 +68,64 @@ def test_encode_and_index_with_minilm(ray_local, tmp_path, capsys):
 
     assert index_main(["--verify", "--out", str(root)]) == 0
     assert '"count": 50' in capsys.readouterr().out
+
+
+def _write_many_shards(d, shards=4, per_shard=12):
+    d.mkdir()
+    rows = [{"id": f"p-{i:04d}", "title": "", "text": f"The {COLOURS[i % 10]} {THINGS[i % 5]} number {i} "
+             f"was seen near town {i * 7}."} for i in range(shards * per_shard)]
+    for s in range(shards):
+        pq.write_table(pa.Table.from_pylist(rows[s * per_shard:(s + 1) * per_shard]), d / f"passages-{s:05d}.parquet")
+    return rows
+
+
+@pytest.mark.ray
+def test_encode_killed_mid_job_keeps_finished_shards_and_resumes(ray_local, tmp_path):
+    """SIGKILL a real `python -m jobs.encode` driver (attached to the session's Ray) after its first shard is
+    committed; the rerun keeps that shard untouched, encodes only the rest, and matches a clean encode."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from jobs.encode import SUMMARY_NAME, encode_passages, load_embeddings
+
+    passages = tmp_path / "passages"
+    _write_many_shards(passages)
+    out = tmp_path / "emb"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "LATENTRAG_ENCODE_TEST_PAUSE_S": "600", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.encode", "--passages", str(passages), "--out", str(out),
+                             "--batch-size", "4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.glob("emb-*.parquet")) and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = sorted(out.glob("emb-*.parquet"))
+    assert len(done) == 1 and not (out / SUMMARY_NAME).exists()   # one finished shard, the job never finished
+    kept = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in done}
+
+    stats = encode_passages(passages, out, batch_size=4)          # resumes by default
+    assert (stats["shards_skipped"], stats["shards_encoded"], stats["encoded"], stats["count"]) == (1, 3, 36, 48)
+    assert {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in out.glob(done[0].name)} == kept
+    assert sorted(f.name for f in out.glob("emb-*.parquet")) == [f"emb-passages-{s:05d}.parquet" for s in range(4)]
+    assert not list(out.glob(".tmp-*")) and stats["encoder_peak_rss_mb"] > 0
+
+    again = encode_passages(passages, out)                        # nothing left to do
+    assert (again["shards_skipped"], again["encoded"]) == (4, 0)
+    clean = encode_passages(passages, tmp_path / "clean", batch_size=16)
+    ids, emb = load_embeddings(out)
+    ids2, emb2 = load_embeddings(tmp_path / "clean")
+    assert ids == ids2 and len(ids) == 48
+    np.testing.assert_allclose(emb, emb2, atol=1e-5)
+    with pytest.raises(FileExistsError, match="cannot resume .* dtype='float32' but this run has 'float16'"):
+        encode_passages(passages, out, dtype="float16")          # resuming with other settings is refused

@@ -176,3 +176,69 @@ def test_verify_detects_truncated_embeddings(tmp_path, vectors):
     np.save(v / "embeddings.npy", x[:99])
     with pytest.raises(IndexVerificationError, match="counts disagree"):
         verify_index(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- shard-parallel + sharded
+@pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
+def test_parts_merged_in_order_equal_one_build(vectors, index_type):
+    from pipeline.index import add_vectors, empty_index, merge_indexes, serialize_index
+
+    x, q = vectors
+    params = {"seed": 0} if index_type == "ivfpq" else {}
+    empty, _ = empty_index(index_type, len(x), x, **params)
+    parts = [add_vectors(serialize_index(empty), x[lo:hi]) for lo, hi in ((0, 700), (700, 1300), (1300, N))]
+    merged = merge_indexes(parts)
+    assert merged.ntotal == N
+    one = build_faiss_index(x, index_type, **params)
+    s1, r1 = merged.search(q, 10)
+    s2, r2 = one.search(q, 10)
+    np.testing.assert_array_equal(r1, r2)          # rows continue across parts: part 2 row 0 is global row 700
+    np.testing.assert_allclose(s1, s2, rtol=1e-5)
+
+
+def test_hnsw_cannot_merge_and_prebuilt_index_must_fit(tmp_path, vectors):
+    from pipeline.index import empty_index
+
+    x, _ = vectors
+    with pytest.raises(IndexFormatError, match="hnsw index cannot be built shard-parallel"):
+        empty_index("hnsw", len(x), x)
+    wrong = build_faiss_index(x[:10], "flat")
+    with pytest.raises(IndexFormatError, match="prebuilt index holds 10 vectors"):
+        write_index_version(tmp_path / "idx", x, _ids(), "flat", index=wrong)
+    assert not (tmp_path / "idx").exists() or list_versions(tmp_path / "idx") == []
+
+
+def test_merge_topk_exact_with_ties_and_padding():
+    from pipeline.index import merge_topk
+
+    a = (np.array([[0.9, 0.5, 0.1]], np.float32), np.array([[3, 1, 0]]))
+    b = (np.array([[0.5, 0.4]], np.float32), np.array([[7, 9]]))
+    c = (np.array([[0.95, -np.inf]], np.float32), np.array([[20, -1]]))   # a shard with fewer than k rows
+    s, r = merge_topk([a, b, c], 4)
+    assert r.tolist() == [[20, 3, 1, 7]] and s.tolist()[0][:2] == pytest.approx([0.95, 0.9])  # tie 0.5: row 1 first
+    s, r = merge_topk([a, c], 6)
+    assert r.tolist() == [[20, 3, 1, 0, -1, -1]]
+    d = (np.array([[0.2, 1.0]], np.float32), np.array([[5, 6]]))       # l2: smaller is better
+    _, r = merge_topk([d, (np.array([[0.1]], np.float32), np.array([[8]]))], 2, metric="l2")
+    assert r.tolist() == [[8, 5]]
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 7])
+def test_sharded_search_identical_to_unsharded(tmp_path, vectors, num_shards):
+    from pipeline.index import IndexShard, merge_topk, shard_bounds
+
+    x, q = vectors
+    root = tmp_path / "idx"
+    write_index_version(root, x, _ids(), "flat", encoder_fingerprint="enc-a")
+    full = load_index(root)
+    shards = [IndexShard(root, lo, hi, expected_encoder_fingerprint="enc-a") for lo, hi in shard_bounds(N, num_shards)]
+    assert sum(len(s) for s in shards) == N and max(len(s) for s in shards) <= -(-N // num_shards)
+    for k in (1, 10, 50):
+        s_ref, r_ref = full.search(q, k)
+        s, r = merge_topk([sh.search(q, k) for sh in shards], k)
+        np.testing.assert_array_equal(r, r_ref)
+        np.testing.assert_allclose(s, s_ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexMismatchError, match="queried with an encoder whose fingerprint is enc-b"):
+        IndexShard(root, 0, 10, expected_encoder_fingerprint="enc-b")
+    with pytest.raises(ValueError, match="num_shards=2001 is more than the 2000 rows"):
+        shard_bounds(N, N + 1)
