@@ -129,3 +129,74 @@ def test_encode_killed_mid_job_keeps_finished_shards_and_resumes(ray_local, tmp_
     np.testing.assert_allclose(emb, emb2, atol=1e-5)
     with pytest.raises(FileExistsError, match="cannot resume .* dtype='float32' but this run has 'float16'"):
         encode_passages(passages, out, dtype="float16")          # resuming with other settings is refused
+
+
+@pytest.mark.ray
+def test_bad_embedding_shards_give_no_index_and_ivfpq_builds_shard_parallel(ray_local, tmp_path):
+    import numpy as np
+
+    from jobs.encode import EmbeddingsFormatError, encode_passages
+    from jobs.index import build_index, scratch_dir
+    from pipeline.index import build_faiss_index, list_versions, load_index
+
+    passages = tmp_path / "passages"
+    _write_many_shards(passages, shards=3, per_shard=20)
+    root = tmp_path / "index"
+    scratch = scratch_dir(root, passages, "minilm")
+    encode_passages(passages, scratch)                            # what a crashed build leaves; build_index resumes it
+    shard = scratch / "emb-passages-00001.parquet"
+    good = pq.read_table(shard)
+
+    ids = good.column("id").to_pylist()
+    pq.write_table(good.set_column(0, "id", pa.array(ids[:-1] + ["stranger"])), shard)
+    with pytest.raises(EmbeddingsFormatError, match=r"emb-passages-00001.parquet: its ids disagree with passage "
+                                                    r"shard passages-00001.parquet .*'stranger'"):
+        build_index(passages, root)
+    emb = np.asarray(good.column("embedding").combine_chunks().flatten()).reshape(len(ids), -1)[:, :383]
+    pq.write_table(pa.table({"id": good.column("id"), "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(emb.reshape(-1)), 383)}), shard)
+    with pytest.raises(EmbeddingsFormatError, match="emb-passages-00001.parquet: embedding dimension 383 "
+                                                    "disagrees with dim 384"):
+        build_index(passages, root)
+    assert list_versions(root) == [] and not (root / "current").exists()
+
+    pq.write_table(good, shard)
+    version = build_index(passages, root, index_type="ivfpq", verify=True)
+    index = load_index(version)
+    m = index.manifest
+    assert m["build"]["build"] == {**m["build"]["build"], "shard_parallel": True, "shards": 3}
+    assert m["build"]["encode"]["shards_skipped"] == 3 and not scratch.exists()
+    assert index.ids == [f"p-{i:04d}" for i in range(60)]          # shard order, then the order inside a shard
+    one = build_faiss_index(np.asarray(index.embeddings), "ivfpq", **{k: v for k, v in m["params"].items()
+                                                                       if k != "refine_factor"})
+    q = np.asarray(index.embeddings[::7])
+    np.testing.assert_array_equal(index.index.search(q, 5)[1], one.search(q, 5)[1])
+
+
+@pytest.mark.ray
+def test_sharded_index_actors_identical_to_unsharded(ray_local, tmp_path):
+    import numpy as np
+
+    from jobs.sharded_index import ShardedIndex
+    from pipeline.index import IndexMismatchError, load_index, write_index_version
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3001, 32)).astype(np.float32)
+    q = rng.standard_normal((40, 32)).astype(np.float32)
+    root = tmp_path / "idx"
+    write_index_version(root, x, [f"d{i}" for i in range(len(x))], "flat", encoder_fingerprint="enc-a",
+                        texts=[f"text {i}" for i in range(len(x))])
+    with pytest.raises(IndexMismatchError, match="queried with an encoder whose fingerprint is enc-b"):
+        ShardedIndex(root, num_shards=3, expected_encoder_fingerprint="enc-b")
+    sharded = ShardedIndex(root, num_shards=3, expected_encoder_fingerprint="enc-a")
+    try:
+        full = load_index(root)
+        for k in (1, 10, 100):
+            s_ref, r_ref = full.search(q, k)
+            s, r = sharded.search(q, k)
+            np.testing.assert_array_equal(r, r_ref)
+            np.testing.assert_allclose(s, s_ref, rtol=1e-6, atol=1e-6)
+        assert sharded.passage(r[0, 0]) == full.passage(r_ref[0, 0])
+        assert [b - a for a, b in sharded.bounds] == [1000, 1000, 1001]
+    finally:
+        sharded.shutdown()
