@@ -43,6 +43,8 @@ class RetrieverConfig:
     tau: float = 0.05                  # p(z|x) = softmax(score / tau); cosine scores need a small tau
     lr: float = 2e-5
     train_query_encoder: bool = True
+    train_passage_encoder: bool = False     # train a passage encoder too (scores use fresh passage vectors);
+                                            # the index then goes stale: see index.refresh_schedule / rerank_top_m
 
 
 @dataclass
@@ -68,6 +70,10 @@ class IndexConfig:
     encode_batch_size: int = 128
     encode_actors: int = 1
     threads_per_actor: int = 2
+    refresh_schedule: str = ""         # with retriever.train_passage_encoder: "START-END:EVERY,..." e.g.
+                                       # "0-1000:200,1000-:1000"; empty = never re-encode during training
+    rerank_top_m: int = 0              # > train.k: re-score the retrieved top-M with the current passage encoder
+    refresh_cpus: float = 1.0          # logical CPUs of the background refresh build (its encode has its own actors)
 
 
 @dataclass
@@ -152,6 +158,9 @@ class Config:
                 out[key] = value
         return out
 
+    def _validate_refresh(self) -> None:
+        _validate_refresh_impl(self)
+
     def validate(self) -> "Config":
         if self.train.estimator not in ESTIMATORS:
             raise ConfigError(f"train.estimator: unknown estimator {self.train.estimator!r}; "
@@ -165,6 +174,7 @@ class Config:
             raise ConfigError(f"generator.name_or_path: required for generator.kind={self.generator.kind}")
         if self.index.type not in ("flat", "hnsw", "ivfpq"):
             raise ConfigError(f"index.type: unknown index type {self.index.type!r}; choose flat, hnsw or ivfpq")
+        self._validate_refresh()
         for key, value in (("train.k", self.train.k), ("train.batch_size", self.train.batch_size),
                            ("train.max_steps", self.train.max_steps), ("eval.k", self.eval.k)):
             if value < 1:
@@ -198,6 +208,28 @@ class Config:
         if self.train.independent_hard_negatives < 0:
             raise ConfigError("train.independent_hard_negatives: must be >= 0")
         return self
+
+
+def _validate_refresh_impl(cfg: "Config") -> None:
+    from pipeline.refresh import ScheduleError, parse_refresh_schedule
+
+    try:
+        schedule = parse_refresh_schedule(cfg.index.refresh_schedule)
+    except ScheduleError as exc:
+        raise ConfigError(str(exc)) from None
+    if schedule and not cfg.retriever.train_passage_encoder:
+        raise ConfigError("index.refresh_schedule: set, but retriever.train_passage_encoder is false (a frozen "
+                          "passage encoder never makes the index stale); set it true or clear the schedule")
+    m = cfg.index.rerank_top_m
+    if m:
+        if not cfg.retriever.train_passage_encoder:
+            raise ConfigError("index.rerank_top_m: needs retriever.train_passage_encoder=true (re-ranking with the "
+                              "frozen encoder that built the index changes nothing)")
+        if m <= max(cfg.train.k, cfg.eval.k):
+            raise ConfigError(f"index.rerank_top_m: {m} must be 0 (off) or more than train.k={cfg.train.k} and "
+                              f"eval.k={cfg.eval.k}")
+    if cfg.index.refresh_cpus <= 0:
+        raise ConfigError(f"index.refresh_cpus: must be > 0, got {cfg.index.refresh_cpus}")
 
 
 def _build(cls, values: dict, where: str):
