@@ -221,13 +221,14 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     batch_size: int = 512, num_actors: int = 1, threads_per_actor: int = 2,
                     dtype: str = "float32", encode_batch_size: int = 32, cpus_per_actor: float = 1,
                     gpus_per_actor: float = 0, overwrite: bool = False, resume: bool = True,
-                    on_shard_done: Callable[[Path], None] | None = None) -> dict:
+                    on_shard_done: Callable[[Path], None] | None = None, read_cpus: float | None = None) -> dict:
     """Encode every passage under `passages_dir` into ``emb-<shard>.parquet`` files (id, embedding) in `out_dir`.
 
     Runs on the Ray the caller started (or starts a local one). `batch_size` rows go to an actor per call, which
     sorts them by length and encodes them `encode_batch_size` at a time. `cpus_per_actor` is the logical CPU
     reservation of each actor (keep it below the cluster's CPUs so read tasks can still run), `threads_per_actor`
-    the torch threads it really uses, `gpus_per_actor` > 0 puts the actors on GPUs. An `out_dir` left by an
+    the torch threads it really uses, `gpus_per_actor` > 0 puts the actors on GPUs, `read_cpus` is the reservation
+    of each read task (None: Ray Data's default). An `out_dir` left by an
     interrupted encode with the same encoder, dtype and passages is resumed (`resume`): finished shards are kept and
     skipped. Returns stats: count, dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, ...
     """
@@ -263,7 +264,8 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if not ray.is_initialized():
             ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                                                "TOKENIZERS_PARALLELISM": "false"}})
-        ds = ray.data.read_parquet(todo, include_paths=True)
+        ds = ray.data.read_parquet(todo, include_paths=True,
+                                   **({"num_cpus": read_cpus} if read_cpus is not None else {}))
         ds = ds.select_columns(_passage_columns(todo[0]) + [_PATH_COL])
         ds = ds.map_batches(
             EncoderActor,

@@ -31,7 +31,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
                 encode_batch_size: int = 32, cpus_per_actor: float = 1, verify: bool = False,
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
-                dtype: str = "float32", **index_params) -> Path:
+                dtype: str = "float32", read_cpus: float | None = None, **index_params) -> Path:
     """Encode `passages_dir` on the running Ray (or a local one) and write the next index version under
     `index_root`; returns the version directory (made `current` unless `make_current=False`).
 
@@ -55,7 +55,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     stats = encode_passages(passages_dir, scratch, encoder=encoder, batch_size=batch_size,
                             num_actors=num_actors, threads_per_actor=threads_per_actor,
                             encode_batch_size=encode_batch_size, cpus_per_actor=cpus_per_actor,
-                            gpus_per_actor=gpus_per_actor, dtype=dtype, resume=True)
+                            gpus_per_actor=gpus_per_actor, dtype=dtype, resume=True, read_cpus=read_cpus)
     t0 = time.perf_counter()
     ids, embeddings, titles, texts, shard_rows = _gather_checked(scratch, files)
     params = dict(index_params)

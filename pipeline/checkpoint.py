@@ -5,6 +5,7 @@
     query_encoder/       Hugging Face encoder + tokenizer (safetensors)
     posterior_encoder/   the posterior retriever q(z|x,y) of vrag / jsa (same format; absent for other estimators
                          and in older checkpoints, which load as before)
+    passage_encoder/     the trained passage encoder (retriever.train_passage_encoder; absent otherwise)
     generator/           generator weights (safetensors) + its config + tokenizer
     trainer_state.pt     optimizer, schedulers, estimator state (such as JSA caches), RNG, data position
 
@@ -36,6 +37,8 @@ def save_checkpoint(out_dir: str | Path, model: RagModel, cfg: Config, step: int
     save_encoder(model.query_encoder, tmp / "query_encoder")
     if getattr(model, "posterior_encoder", None) is not None:
         save_encoder(model.posterior_encoder, tmp / "posterior_encoder")
+    if getattr(model, "passage_encoder", None) is not None:
+        save_encoder(model.passage_encoder, tmp / "passage_encoder")
     model.generator.save(tmp / "generator")
     save_config(cfg, tmp / "config.yaml")
     meta = {"tau": model.tau, "step": step, "estimator": cfg.train.estimator,
@@ -68,8 +71,10 @@ def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tu
     index = load_index(index_dir or meta["index_dir"],
                        expected_encoder_fingerprint=meta.get("index_encoder_fingerprint") if index_dir is None else None)
     posterior = load_encoder(path / "posterior_encoder") if (path / "posterior_encoder").is_dir() else None
+    passage = load_encoder(path / "passage_encoder") if (path / "passage_encoder").is_dir() else None
     model = RagModel(load_encoder(path / "query_encoder"), load_generator(path / "generator"), index, tau=meta["tau"],
-                     posterior_encoder=posterior)
+                     posterior_encoder=posterior, passage_encoder=passage,
+                     rerank_top_m=cfg.index.rerank_top_m if passage is not None else 0)
     return model, cfg, meta
 
 

@@ -50,13 +50,22 @@ def posterior_query(question: str, answer: str) -> str:
 
 class RagModel(nn.Module):
     def __init__(self, query_encoder: TextEncoder, generator: Generator, index, tau: float = 0.05,
-                 posterior_encoder: TextEncoder | None = None):
+                 posterior_encoder: TextEncoder | None = None, passage_encoder: TextEncoder | None = None,
+                 rerank_top_m: int = 0):
         super().__init__()
         self.query_encoder = query_encoder
         self.generator = generator
         self.posterior_encoder = posterior_encoder     # q(z|x,y) for vrag / jsa; None otherwise
+        # a passage encoder that trains (retriever.train_passage_encoder): scores then use fresh passage vectors
+        # (with gradient) instead of the index's, and the index is refreshed in the background (pipeline.refresh)
+        self.passage_encoder = passage_encoder
+        self.rerank_top_m = int(rerank_top_m)          # > k: re-rank the index's top-M with the passage encoder
         self.index = index               # pipeline.index.LoadedIndex (not a module: it is not trained here)
         self.tau = tau
+
+    def set_index(self, index) -> None:
+        """Switch to another index version (an index refresh); call it between steps, never inside one."""
+        self.index = index
 
     def add_posterior_encoder(self) -> TextEncoder:
         """Create q(z|x,y) as a copy of the prior query encoder (same weights), unless there is one already."""
@@ -66,6 +75,17 @@ class RagModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- retrieval
     def search_rows(self, query_vectors: torch.Tensor, k: int) -> np.ndarray:
+        m = min(self.rerank_top_m, len(self.index.ids))
+        if self.passage_encoder is None or m <= k:
+            return self._search(query_vectors, k)
+        # the index's vectors are stale while the passage encoder trains: re-rank its top-M with the current one
+        from pipeline.refresh import rerank_rows
+
+        rows = self._search(query_vectors, m)
+        texts = [[self.row_text(int(r)) for r in row] for row in rows]
+        return rerank_rows(query_vectors, rows, texts, self.passage_encoder, k)[0]
+
+    def _search(self, query_vectors: torch.Tensor, k: int) -> np.ndarray:
         _, rows = self.index.search(query_vectors.detach().float().cpu().numpy().astype(np.float32), k)
         rows = np.asarray(rows)
         if (rows < 0).any():
@@ -98,7 +118,10 @@ class RagModel(nn.Module):
     def score_rows(self, query_vectors: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """[B, M] score / tau of index rows [B, M], differentiable in the query vectors."""
         rows = np.asarray(rows)
-        emb = torch.from_numpy(np.asarray(self.index.embeddings[rows.reshape(-1)], dtype=np.float32))
+        if self.passage_encoder is not None:      # fresh passage vectors, differentiable in the passage encoder
+            emb = self.passage_encoder([self.row_text(int(r)) for r in rows.reshape(-1)])
+        else:
+            emb = torch.from_numpy(np.asarray(self.index.embeddings[rows.reshape(-1)], dtype=np.float32))
         emb = emb.view(*rows.shape, -1).to(device=query_vectors.device, dtype=query_vectors.dtype)
         return (query_vectors.unsqueeze(1) * emb).sum(-1) / self.tau
 

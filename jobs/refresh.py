@@ -1,0 +1,158 @@
+"""Index refresh during training, on Ray: the glue between `pipeline.refresh` and the train loop.
+
+When `retriever.train_passage_encoder` is on and `index.refresh_schedule` is set, rank 0 of the train loop
+snapshots the passage encoder at each scheduled step and submits one Ray task that re-encodes the corpus with the
+snapshot (Ray Data, `jobs.encode`) and builds the next index version (`jobs.index.build_index`, not made `current`
+yet). Training goes on with the old index. At the first step boundary after the build is done, rank 0 broadcasts
+the new version to every worker (a `torch.distributed` broadcast when there are several), all of them switch
+(`RagModel.set_index`) before the next step, and rank 0 points the index root's `current` at it. Each refresh and
+its cost (snapshot, encode and build seconds, steps trained on the stale index, switch seconds) goes to MLflow.
+
+Resources: the build task reserves `index.refresh_cpus` logical CPUs and its encoder actors and build tasks as
+many each, so the cluster needs that much room beside the train workers (fractions oversubscribe on purpose).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from pipeline.index import load_index, read_manifest, resolve_version_dir, set_current
+from pipeline.refresh import IndexRefresher, parse_refresh_schedule
+
+
+def attach_passage_encoder(model, cfg):
+    """Give `model` a trainable passage encoder that starts as the encoder the index was built with (same
+    pooling, normalisation and length as the encode actors), and the re-ranking depth of `index.rerank_top_m`."""
+    from pipeline.models.retriever import TextEncoder
+
+    if model.passage_encoder is None:
+        model.passage_encoder = TextEncoder(cfg.retriever.encoder)
+    model.rerank_top_m = int(cfg.index.rerank_top_m)
+    return model
+
+
+def _refresh_build(passages_dir: str, index_root: str, encoder_dir: str, step: int, kwargs: dict) -> dict:
+    """Ray task body: encode + build one refresh version (not made current); returns its costs."""
+    from jobs.index import build_index
+
+    t0 = time.perf_counter()
+    version = build_index(passages_dir, index_root, encoder=encoder_dir, make_current=False,
+                          encoder_name=f"passage-encoder@step{step}", extra={"refresh_step": step}, **kwargs)
+    manifest = read_manifest(version)
+    enc = manifest.get("build", {}).get("encode", {})
+    return {"version_dir": str(version), "version": manifest["version"],
+            "build_seconds": time.perf_counter() - t0, "encode_seconds": enc.get("seconds"),
+            "encode_passages_per_s": enc.get("passages_per_s")}
+
+
+class RayRefreshBuilder:
+    """`pipeline.refresh.Builder` on Ray: one task per refresh; `done` never blocks."""
+
+    def __init__(self, passages_dir: str, index_root: str, index_cfg):
+        self.passages_dir, self.index_root = str(passages_dir), str(index_root)
+        cpus = float(index_cfg.refresh_cpus)
+        self.cpus = cpus
+        self.kwargs = {"index_type": index_cfg.type, "num_actors": index_cfg.encode_actors,
+                       "batch_size": index_cfg.encode_batch_size, "threads_per_actor": index_cfg.threads_per_actor,
+                       "cpus_per_actor": cpus, "build_cpus": cpus, "read_cpus": cpus}
+
+    def submit(self, encoder_dir: str, step: int):
+        import ray
+
+        task = ray.remote(_refresh_build).options(num_cpus=self.cpus)
+        return task.remote(self.passages_dir, self.index_root, encoder_dir, step, self.kwargs)
+
+    def done(self, handle) -> bool:
+        import ray
+
+        ready, _ = ray.wait([handle], timeout=0)
+        return bool(ready)
+
+    def result(self, handle) -> dict:
+        import ray
+
+        return ray.get(handle)
+
+    def cancel(self, handle) -> None:
+        import ray
+
+        ray.cancel(handle, force=True)
+
+
+class RefreshHook:
+    """Called by every rank after every optimiser step: `hook(model, step)`. Rank 0 owns the `IndexRefresher`."""
+
+    def __init__(self, refresher: IndexRefresher | None, index_root: Path, rank: int, world: int,
+                 log_metrics: Callable[[dict, int], None] | None = None, log: Callable[[str], None] = print):
+        self.refresher, self.index_root, self.rank, self.world = refresher, Path(index_root), rank, world
+        self.log_metrics, self.log = log_metrics, log
+        self.switches = 0
+
+    def __call__(self, model, step: int) -> str | None:
+        target = None
+        if self.rank == 0 and self.refresher is not None:
+            before = self.refresher.in_flight
+            target = self.refresher.on_step_boundary(step, model.passage_encoder)
+            if self.refresher.in_flight is not None and self.refresher.in_flight is not before:
+                rec = self.refresher.in_flight[1]
+                self.log(f"[refresh] step {step}: passage encoder snapshot ({rec['snapshot_seconds']:.1f}s), "
+                         f"re-encode + index build running in the background")
+                self._metrics({"refresh/snapshot_seconds": rec["snapshot_seconds"]}, step)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [target]
+            dist.broadcast_object_list(box, src=0)
+            target = box[0]
+        if target is None:
+            return None
+        t0 = time.perf_counter()
+        model.set_index(load_index(target))
+        switch_seconds = time.perf_counter() - t0
+        self.switches += 1
+        if self.rank == 0:
+            set_current(self.index_root, Path(target).name)
+            rec = self.refresher.history[-1]
+            self.log(f"[refresh] step {step}: switched to index {Path(target).name} (built in "
+                     f"{rec['build_seconds']:.1f}s, {rec['steps_on_stale_index']} steps on the old index)")
+            self._metrics({"refresh/build_seconds": rec["build_seconds"],
+                           "refresh/encode_seconds": rec.get("encode_seconds") or 0.0,
+                           "refresh/wall_seconds": rec["wall_seconds"],
+                           "refresh/steps_on_stale_index": rec["steps_on_stale_index"],
+                           "refresh/switch_seconds": switch_seconds,
+                           "refresh/index_version": float(Path(target).name.lstrip("v")),
+                           "refresh/skipped": self.refresher.skipped}, step)
+        return target
+
+    def close(self) -> None:
+        """End of training: a build still in flight is cancelled (the model keeps the index it trained with)."""
+        if self.refresher is not None and self.refresher.in_flight is not None:
+            handle, rec = self.refresher.in_flight
+            self.refresher.builder.cancel(handle)
+            self.refresher.in_flight = None
+            self.log(f"[refresh] training ended with the build from step {rec['step_started']} unfinished: cancelled")
+
+    def _metrics(self, values: dict, step: int) -> None:
+        if self.log_metrics is not None:
+            self.log_metrics({k.replace("/", "_"): float(v) for k, v in values.items()}, step)
+
+
+def make_refresh_hook(cfg, index_dir: str | Path, output_dir: str | Path, rank: int, world: int,
+                      log_metrics=None, log: Callable[[str], None] = print) -> RefreshHook | None:
+    """The train loop's hook, or None when no refresh is configured. The passages directory is the one the
+    current index was built from (its manifest records it); new versions go beside it."""
+    schedule = parse_refresh_schedule(cfg.index.refresh_schedule)
+    if not schedule or not cfg.retriever.train_passage_encoder:
+        return None
+    version_dir = resolve_version_dir(index_dir)
+    passages_dir = read_manifest(version_dir).get("build", {}).get("passages_dir")
+    if not passages_dir or not Path(passages_dir).is_dir():
+        raise FileNotFoundError(f"index.refresh_schedule: the index {version_dir} does not name an existing passages "
+                                f"directory in its manifest (build.passages_dir = {passages_dir!r}); build it with "
+                                f"`latentrag index` / `latentrag train --corpus` to refresh it during training")
+    refresher = None
+    if rank == 0:
+        builder = RayRefreshBuilder(passages_dir, str(version_dir.parent), cfg.index)
+        refresher = IndexRefresher(schedule, builder, Path(output_dir) / "refresh")
+    return RefreshHook(refresher, version_dir.parent, rank, world, log_metrics, log)
