@@ -21,32 +21,67 @@ class DecodedAnswer:
 
 
 def beam_search(step, n: int, start_id: int, eos_id: int, pad_id: int, num_beams: int, max_len: int,
-                device=None) -> list[list[tuple[list[int], float]]]:
-    """Generic beam search. `step(prefix [n*num_beams, t]) -> [n*num_beams, V]` log-probabilities.
+                device=None, reorder=None, on_step=None) -> list[list[tuple[list[int], float]]]:
+    """Generic beam search. Returns, per source, the beams as (token ids without start/eos, total log-probability),
+    best first.
 
-    Returns, per source, the beams as (token ids without start/eos, total log-probability), best first.
+    Without `reorder`: `step(prefix [n*num_beams, t]) -> [n*num_beams, V]` log-probabilities, every row every step.
+    With `reorder`, only live beams are stepped: `step(prefix [A, t]) -> [A, V]` for the A beams that are neither
+    finished nor dead, and `reorder(parents)` is called before each further step with, for every live beam of the
+    next step, the position of its parent among the rows of the previous step, so that a stateful step (a decoder
+    cache) follows its beams. The step's state starts with one row per source: all beams start identical, so only
+    the first is live at the start. `on_step(prefix [n*num_beams, t])`, when given, sees the beams after every
+    step (streaming).
     """
     nb = num_beams
-    prefix = torch.full((n * nb, 1), start_id, dtype=torch.long, device=device)
+    rows_total = n * nb
+    prefix = torch.full((rows_total, 1), start_id, dtype=torch.long, device=device)
     scores = torch.zeros(n, nb, device=device)
     scores[:, 1:] = float("-inf")                 # all beams start identical: keep one
-    finished = torch.zeros(n * nb, dtype=torch.bool, device=device)
+    finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    live = torch.arange(n, device=device) * nb    # rows the step function holds state for, in its order
     for _ in range(max_len):
-        logp = step(prefix).float()
-        vocab = logp.size(-1)
-        if finished.any():
-            logp[finished] = float("-inf")
-            logp[finished, pad_id] = 0.0          # a finished beam only extends with padding, at no cost
-        total = (scores.view(-1, 1) + logp).view(n, nb * vocab)
-        top_scores, top_idx = total.topk(nb, dim=-1)
-        beam = torch.div(top_idx, vocab, rounding_mode="floor")
-        tokens = top_idx % vocab
+        if reorder is None:
+            logp = step(prefix).float()
+            vocab = logp.size(-1)
+            if finished.any():
+                logp[finished] = float("-inf")
+                logp[finished, pad_id] = 0.0      # a finished beam only extends with padding, at no cost
+            total = (scores.view(-1, 1) + logp).view(n, nb * vocab)
+            top_scores, top_idx = total.topk(nb, dim=-1)
+            beam = torch.div(top_idx, vocab, rounding_mode="floor")
+            tokens = top_idx % vocab
+        else:
+            # per live beam its best nb continuations (the best nb of a source are among them), per finished beam
+            # itself extended with padding at no cost; then the best nb per source
+            logp = step(prefix[live]).float()                                          # [A, V]
+            width = min(nb, logp.size(-1))
+            cand_lp, cand_tok = logp.topk(width, dim=-1)
+            cand = torch.full((rows_total, nb), float("-inf"), device=device)
+            cand_tokens = torch.full((rows_total, nb), pad_id, dtype=torch.long, device=device)
+            cand[live, :width] = scores.view(-1)[live].unsqueeze(1) + cand_lp
+            cand_tokens[live, :width] = cand_tok
+            cand[finished, 0] = scores.view(-1)[finished]
+            top_scores, top_idx = cand.view(n, nb * nb).topk(nb, dim=-1)
+            beam = torch.div(top_idx, nb, rounding_mode="floor")
+            tokens = cand_tokens.view(n, nb * nb).gather(1, top_idx)
         rows = (torch.arange(n, device=device).unsqueeze(1) * nb + beam).view(-1)
         prefix = torch.cat([prefix[rows], tokens.view(-1, 1)], dim=1)
         finished = finished[rows] | tokens.view(-1).eq(eos_id)
         scores = top_scores
-        if bool(finished.all()):
+        if on_step is not None:
+            on_step(prefix)
+        if reorder is None:
+            if bool(finished.all()):
+                break
+            continue
+        next_live = (~finished & scores.view(-1).isfinite()).nonzero().squeeze(1)
+        if next_live.numel() == 0:
             break
+        position = torch.full((rows_total,), -1, dtype=torch.long, device=device)
+        position[live] = torch.arange(live.numel(), device=device)
+        reorder(position[rows[next_live]])
+        live = next_live
     out = []
     for i in range(n):
         beams = []
@@ -68,10 +103,12 @@ def _passages(cand, b: int, doc_logprobs: torch.Tensor, posterior: torch.Tensor 
             for k in range(len(cand.ids[b]))]
 
 
-def _retrieve_and_encode(model, questions: list[str], k: int, candidates):
-    """Top-k candidates, log p(z|x) [B, K], and generator inputs for every (question, passage) pair."""
+def _retrieve_and_encode(model, questions: list[str], k: int, candidates, doc_scores=None):
+    """Top-k candidates, log p(z|x) [B, K], and generator inputs for every (question, passage) pair.
+    `doc_scores` [B, >=k]: the retriever's scores of `candidates` (then `model` needs only a `.generator`)."""
     cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
-    doc_lp = torch.log_softmax(model.doc_scores(questions, cand), -1)
+    scores = model.doc_scores(questions, cand) if doc_scores is None else torch.as_tensor(doc_scores)[:, :k]
+    doc_lp = torch.log_softmax(scores.float(), -1)
     inputs = model.generator.encode_inputs([q for q in questions for _ in range(k)],
                                            [p for row in cand.texts for p in row])
     return cand, doc_lp, inputs
@@ -79,16 +116,24 @@ def _retrieve_and_encode(model, questions: list[str], k: int, candidates):
 
 @torch.no_grad()
 def rag_sequence_decode(model, questions: list[str], k: int = 5, num_beams: int = 1, max_len: int | None = None,
-                        thorough: bool = False, candidates=None) -> list[DecodedAnswer]:
-    """`candidates`: an earlier `model.retrieve(questions, >= k)`, reused instead of retrieving again."""
+                        thorough: bool = False, candidates=None, doc_scores=None) -> list[DecodedAnswer]:
+    """`candidates`: an earlier `model.retrieve(questions, >= k)`, reused instead of retrieving again; with
+    `doc_scores` (their retriever scores) as well, no retriever is needed.
+
+    All questions, passages and beams decode together: one encoder pass over the B*K (question, passage) pairs, one
+    decoder step per token for every live beam, with the decoder's key/value cache."""
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates)
+    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates, doc_scores)
     b = len(questions)
-    state = gen.start_decoding(inputs)
-    state = gen.select_state(state, torch.arange(b * k, device=inputs["input_ids"].device).repeat_interleave(num_beams))
-    beams = beam_search(lambda prefix: gen.decode_step(state, prefix), b * k, gen.start_token_id, gen.eos_token_id,
-                        gen.tokenizer.pad_token_id, num_beams, max_len, device=inputs["input_ids"].device)
+    box = {"state": gen.start_decoding(inputs)}               # one row per (question, passage): beam 0
+
+    def reorder(parents):
+        box["state"] = gen.select_state(box["state"], parents)
+
+    beams = beam_search(lambda prefix: gen.decode_step(box["state"], prefix), b * k, gen.start_token_id,
+                        gen.eos_token_id, gen.tokenizer.pad_token_id, num_beams, max_len,
+                        device=inputs["input_ids"].device, reorder=reorder)
     results = []
     for i in range(b):
         # answer text -> list of (passage, log p(y|x,z_k)) from the beams that produced it
@@ -126,26 +171,30 @@ def _score_answers(model, question: str, passages: list[str], answers: list[str]
 
 @torch.no_grad()
 def rag_token_decode(model, questions: list[str], k: int = 5, num_beams: int = 1,
-                     max_len: int | None = None, candidates=None) -> list[DecodedAnswer]:
+                     max_len: int | None = None, candidates=None, doc_scores=None,
+                     on_step=None) -> list[DecodedAnswer]:
+    """`candidates`, `doc_scores`: as for `rag_sequence_decode`. `on_step(prefix [B*num_beams, t])` is called
+    after every step (the ids emitted so far, after the start token), e.g. to stream tokens."""
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates)
+    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates, doc_scores)
     b = len(questions)
     device = inputs["input_ids"].device
-    state = gen.start_decoding(inputs)
-    # rows ordered (question, beam, passage): every beam of a question sees all K passages
-    order = (torch.arange(b, device=device).view(b, 1, 1) * k
-             + torch.arange(k, device=device).view(1, 1, k)).expand(b, num_beams, k).reshape(-1)
-    state = gen.select_state(state, order)
-    prior = doc_lp.to(device).repeat_interleave(num_beams, 0)             # [b*nb, K]
+    # state rows ordered (live beam, passage): every beam of a question sees all K passages; beam 0 at the start
+    box = {"state": gen.start_decoding(inputs), "prior": doc_lp.to(device)}             # prior: [live, K]
+    offsets = torch.arange(k, device=device)
+
+    def reorder(parents):
+        box["state"] = gen.select_state(box["state"], (parents.unsqueeze(1) * k + offsets).view(-1))
+        box["prior"] = box["prior"].index_select(0, parents)
 
     def step(prefix):
-        logp = gen.decode_step(state, prefix.repeat_interleave(k, 0))       # [b*nb*K, V]
+        logp = gen.decode_step(box["state"], prefix.repeat_interleave(k, 0))            # [A*K, V]
         logp = logp.view(prefix.size(0), k, -1)
-        return torch.logsumexp(logp + prior.unsqueeze(-1), dim=1)
+        return torch.logsumexp(logp + box["prior"].unsqueeze(-1), dim=1)
 
     beams = beam_search(step, b, gen.start_token_id, gen.eos_token_id, gen.tokenizer.pad_token_id, num_beams,
-                        max_len, device=device)
+                        max_len, device=device, reorder=reorder, on_step=on_step)
     results = []
     for i in range(b):
         ids, score = beams[i][0]

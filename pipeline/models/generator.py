@@ -23,6 +23,8 @@ from torch import nn
 
 from pipeline.models.retriever import resolve_encoder_path
 
+_LOG_EPS = float(torch.log(torch.tensor(1e-12)))      # what CopyBart._mix gives a token with no mass
+
 
 def _load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
@@ -167,18 +169,24 @@ class CopyBart(Generator):
                                 encoder_attention_mask=inputs["attention_mask"]).last_hidden_state
         return self._heads_from_states(inputs, enc, dec, decoder_input_ids)
 
-    def _heads_from_states(self, inputs, enc, dec, previous_tokens):
-        """`previous_tokens` [N, t]: the token fed to the decoder at each position (the last one emitted)."""
+    def _copy_parts(self, inputs, enc):
+        """The decoder-independent half of the copy head, per source: keys [N, S, d], the token before each source
+        position [N, S] and which positions may be copied [N, S] (never padding or [CLS]/[SEP])."""
         ids = inputs["input_ids"]
-        vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
         before = torch.cat([torch.full_like(ids[:, :1], self.tokenizer.pad_token_id), ids[:, :-1]], 1)
         keys = self.copy_key(enc) + self.copy_prev_key(self.bart.shared(before))
+        copyable = inputs["attention_mask"].bool() & ids.ne(self._bos) & ids.ne(self._eos)
+        return keys, before, copyable
+
+    def _heads_from_states(self, inputs, enc, dec, previous_tokens, copy_parts=None):
+        """`previous_tokens` [N, t]: the token fed to the decoder at each position (the last one emitted).
+        `copy_parts`: `_copy_parts(inputs, enc)` when already computed (decoding computes it once)."""
+        vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
+        keys, before, copyable = copy_parts if copy_parts is not None else self._copy_parts(inputs, enc)
         scores = self.copy_query(dec) @ keys.transpose(1, 2) / math.sqrt(dec.size(-1))
         emitted = previous_tokens.unsqueeze(-1)                                         # [N, t, 1]
         continues = before.unsqueeze(1).eq(emitted) & emitted.ne(self._bos) & emitted.ne(self.tokenizer.pad_token_id)
         scores = scores + self.span_bias * continues.to(scores.dtype)
-        # never copy padding or the special tokens ([CLS]/[SEP])
-        copyable = inputs["attention_mask"].bool() & ids.ne(self._bos) & ids.ne(self._eos)
         scores = scores.masked_fill(~copyable.unsqueeze(1), float("-inf"))
         attn = torch.softmax(scores, dim=-1)
         p_gen = torch.sigmoid(self.gate(torch.cat([dec, attn @ enc], -1)))
@@ -206,19 +214,52 @@ class CopyBart(Generator):
         out = self._mix(vocab_prob, copy_prob, p_gen).squeeze(-1)
         return out.masked_fill(labels.eq(self.tokenizer.pad_token_id) | labels.eq(-100), 0.0)
 
+    # ----------------------------------------------------------------------------------------- decoding
+    # The state holds the encoder output, the copy head's per-source half, and a key/value cache of the decoder
+    # (self- and cross-attention, transformers' EncoderDecoderCache) with the prefix it was built for. A step whose
+    # prefix extends that prefix by one token runs the decoder on the new token only; any other prefix is run whole
+    # (and cached), so callers that pass arbitrary prefixes stay correct. `select_state` moves the cache along with
+    # the rows (beam reordering, dropping finished beams).
     def start_decoding(self, inputs):
-        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                "enc": self._encode(inputs)}
+        enc = self._encode(inputs)
+        keys, before, copyable = self._copy_parts(inputs, enc)
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "enc": enc,
+                "copy_keys": keys, "copy_before": before, "copyable": copyable, "cache": None, "cache_prefix": None}
 
-    def decode_step(self, state, prefix):
+    @staticmethod
+    def select_state(state, rows):
+        """Keep (and repeat) rows of the state; the decoder cache moves to the new state (the old one loses it)."""
+        out = {k: (v.index_select(0, rows) if torch.is_tensor(v) else v) for k, v in state.items()}
+        if state.get("cache") is not None:
+            out["cache"].reorder_cache(rows)
+            state["cache"], state["cache_prefix"] = None, None
+        return out
+
+    def decode_step(self, state, prefix, use_cache: bool = True):
         enc = state["enc"]
-        dec = self.bart.decoder(input_ids=prefix, encoder_hidden_states=enc,
-                                encoder_attention_mask=state["attention_mask"]).last_hidden_state[:, -1:]
-        vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec, prefix[:, -1:])
-        n, vocab = dec.size(0), len(self.out_position)
-        vocab_prob = dec.new_zeros(n, 1, vocab).index_copy_(-1, self.out_ids, torch.softmax(vocab_logits, -1))
-        copy_prob = dec.new_zeros(n, 1, vocab).scatter_add_(-1, state["input_ids"].unsqueeze(1), attn)
-        return self._mix(vocab_prob, copy_prob, p_gen)[:, -1]
+        cache, cached = state.get("cache"), state.get("cache_prefix")
+        extends = (use_cache and cache is not None and cached.size(0) == prefix.size(0)
+                   and cached.size(1) == prefix.size(1) - 1 and torch.equal(cached, prefix[:, :-1]))
+        out = self.bart.decoder(input_ids=prefix[:, -1:] if extends else prefix, encoder_hidden_states=enc,
+                                encoder_attention_mask=state["attention_mask"], cache=cache if extends else None,
+                                use_cache=use_cache)
+        if use_cache:
+            state["cache"], state["cache_prefix"] = out.cache, prefix
+        dec = out.last_hidden_state[:, -1:]
+        copy_parts = (state["copy_keys"], state["copy_before"], state["copyable"]) if "copy_keys" in state else None
+        vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec, prefix[:, -1:], copy_parts)
+        # log p over the whole vocabulary, but the mixture and its log only where a token can have mass (the
+        # vocabulary head's tokens and the source's); every other token gets log(1e-12), as `_mix` gives it.
+        n, vocab, src = dec.size(0), len(self.out_position), state["input_ids"]
+        p_gen, attn = p_gen[:, 0], attn[:, 0]                                          # [N, 1], [N, S]
+        vocab_prob = torch.softmax(vocab_logits[:, 0], -1)                              # [N, O]
+        cols = torch.cat([self.out_ids.unsqueeze(0).expand(n, -1), src], 1)            # [N, O + S]
+        src_position = self.out_position[src]                                           # [N, S], -1: copy only
+        src_vocab = vocab_prob.gather(1, src_position.clamp_min(0)).masked_fill(src_position.lt(0), 0.0)
+        table = dec.new_zeros(n, vocab).scatter_add_(-1, src, attn)                     # copy probabilities
+        copy_prob = table.gather(1, cols)
+        mixed = self._mix(torch.cat([vocab_prob, src_vocab], 1), copy_prob, p_gen)
+        return table.fill_(_LOG_EPS).scatter_(1, cols, mixed)
 
     def save(self, out_dir):
         from safetensors.torch import save_file

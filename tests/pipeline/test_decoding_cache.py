@@ -1,0 +1,120 @@
+"""Decoding with copy-bart's key/value cache and live-beam stepping gives what full recomputation gives: the same
+log-probabilities step by step (also against the pre-cache full-vocabulary formula) and the same beams."""
+import math
+
+import pytest
+import torch
+
+from pipeline.config import GeneratorConfig
+from pipeline.decoding import beam_search
+from pipeline.models.generator import build_generator
+
+QUESTIONS = ["Where was Varnel Ostrik born?", "Who employed Varnel Ostrik?", "What does Kela Dorn play?"]
+PASSAGES = ["Varnel Ostrik was born in the town of Meridale.", "Varnel Ostrik worked for the Quendle Guild.",
+            "Kela Dorn plays the zumbrel at festivals.", "Kela Dorn grew up beside the river Ashvane."]
+ANSWERS = ["Meridale", "Quendle Guild", "zumbrel", "Ashvane"]
+
+
+@pytest.fixture(scope="module", params=[ANSWERS, None], ids=["answer-vocab", "full-vocab"])
+def gen(request):
+    torch.manual_seed(3)
+    g = build_generator(GeneratorConfig(dropout=0.0, d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=2,
+                                        output_vocab_size=64 if request.param else 0), request.param)
+    with torch.no_grad():                          # a sharper, less uniform model than the init: beams differ
+        g.gate.bias.fill_(0.0)
+        g.copy_query.weight.mul_(20)
+    return g.eval()
+
+
+def reference_step(gen, state, prefix):
+    """decode_step as it was before the cache: the whole prefix through the decoder, the mixture over all V."""
+    enc = state["enc"]
+    dec = gen.bart.decoder(input_ids=prefix, encoder_hidden_states=enc,
+                           encoder_attention_mask=state["attention_mask"]).last_hidden_state[:, -1:]
+    vocab_logits, attn, p_gen = gen._heads_from_states(state, enc, dec, prefix[:, -1:])
+    n, vocab = dec.size(0), len(gen.out_position)
+    vocab_prob = dec.new_zeros(n, 1, vocab).index_copy_(-1, gen.out_ids, torch.softmax(vocab_logits, -1))
+    copy_prob = dec.new_zeros(n, 1, vocab).scatter_add_(-1, state["input_ids"].unsqueeze(1), attn)
+    return torch.log((p_gen * vocab_prob + (1 - p_gen) * copy_prob).clamp_min(1e-12))[:, -1]
+
+
+def pairs():
+    return [q for q in QUESTIONS for _ in PASSAGES], PASSAGES * len(QUESTIONS)
+
+
+@torch.no_grad()
+def test_cached_steps_equal_full_recomputation_through_reorders(gen):
+    inputs = gen.encode_inputs(*pairs())
+    n = inputs["input_ids"].size(0)
+    cached, plain = gen.start_decoding(inputs), gen.start_decoding(inputs)
+    prefix = torch.full((n, 1), gen.start_token_id)
+    g = torch.Generator().manual_seed(0)
+    for t in range(6):
+        a = gen.decode_step(cached, prefix)
+        b = gen.decode_step(plain, prefix, use_cache=False)
+        c = reference_step(gen, plain, prefix)
+        assert a.shape == (n, len(gen.tokenizer))
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
+        assert cached["cache"] is not None and cached["cache"].get_seq_length() == t + 1
+        # reorder and drop rows, as beam search does, then extend by the sampled tokens
+        rows = torch.randint(0, n, (n - 1,), generator=g) if t % 2 else torch.randperm(n, generator=g)
+        tokens = torch.multinomial(a.exp(), 1, generator=g)
+        cached, plain = gen.select_state(cached, rows), gen.select_state(plain, rows)
+        prefix = torch.cat([prefix, tokens], 1)[rows]
+        n = rows.numel()
+
+
+@torch.no_grad()
+def test_a_prefix_that_does_not_extend_the_cache_is_recomputed(gen):
+    inputs = gen.encode_inputs(*pairs())
+    n = inputs["input_ids"].size(0)
+    state = gen.start_decoding(inputs)
+    start = torch.full((n, 1), gen.start_token_id)
+    gen.decode_step(state, torch.cat([start, torch.full((n, 1), 2000)], 1))
+    other = torch.cat([start, torch.full((n, 1), 2001), torch.full((n, 1), 2002)], 1)   # not an extension
+    assert torch.allclose(gen.decode_step(state, other), reference_step(gen, state, other), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_beam_search_with_cache_and_live_beams_equals_full_recomputation(gen, num_beams):
+    inputs = gen.encode_inputs(*pairs())
+    n = inputs["input_ids"].size(0)
+    args = (gen.start_token_id, gen.eos_token_id, gen.tokenizer.pad_token_id, num_beams, 8)
+    # before: every beam of every source stepped every step, whole prefixes through the decoder
+    full = gen.select_state(gen.start_decoding(inputs), torch.arange(n).repeat_interleave(num_beams))
+    expected = beam_search(lambda p: reference_step(gen, full, p), n, *args)
+    box = {"state": gen.start_decoding(inputs)}
+    calls = []
+
+    def step(prefix):
+        calls.append(prefix.size(0))
+        return gen.decode_step(box["state"], prefix)
+
+    def reorder(parents):
+        box["state"] = gen.select_state(box["state"], parents)
+
+    got = beam_search(step, n, *args, reorder=reorder)
+    assert [[ids for ids, _ in src] for src in got] == [[ids for ids, _ in src] for src in expected]
+    for src_got, src_exp in zip(got, expected):
+        assert [s for _, s in src_got] == pytest.approx([s for _, s in src_exp], abs=1e-4)
+    assert calls[0] == n                       # the identical start beams are stepped once
+    assert max(calls) <= n * num_beams
+
+
+def test_live_beam_search_equals_stepping_every_beam_on_random_tables():
+    torch.manual_seed(5)
+    vocab, eos, pad = 7, 3, 2
+    table = torch.log_softmax(torch.randn(997, vocab) * 2, -1)
+
+    def step(prefix):                          # stateless: a function of the prefix only
+        keys = (prefix * torch.tensor([7 ** i for i in range(prefix.size(1))])).sum(1) % table.size(0)
+        return table[keys]
+
+    for nb in (1, 2, 4):
+        a = beam_search(step, 5, 0, eos, pad, nb, 6)
+        b = beam_search(step, 5, 0, eos, pad, nb, 6, reorder=lambda parents: None)
+        assert [[i for i, _ in s] for s in a] == [[i for i, _ in s] for s in b]
+        assert [s for x in a for _, s in x] == pytest.approx([s for x in b for _, s in x], abs=1e-6)
+        assert len(b[0]) == nb
+        assert all(not math.isinf(s) for x in b for _, s in x)
