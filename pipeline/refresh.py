@@ -118,8 +118,11 @@ class IndexRefresher:
     (the caller loads it, swaps it into the model and reports the switch), else None. `history` holds one record
     per refresh: steps of snapshot/switch, snapshot seconds, build seconds and what the builder reports."""
 
-    def __init__(self, schedule: list[Span], builder: Builder, snapshot_root: str | Path, keep_snapshots: int = 2):
+    def __init__(self, schedule: list[Span], builder: Builder, snapshot_root: str | Path, keep_snapshots: int = 2,
+                 save_fn=None):
+        """`save_fn(encoder, dir)` writes a snapshot (default `pipeline.models.retriever.save_encoder`)."""
         self.schedule, self.builder = schedule, builder
+        self.save_fn = save_fn
         self.snapshot_root = Path(snapshot_root)
         self.keep_snapshots = keep_snapshots
         self.in_flight: tuple[Any, dict] | None = None
@@ -138,11 +141,12 @@ class IndexRefresher:
     def start(self, step: int, passage_encoder) -> dict:
         from pipeline.models.retriever import save_encoder
 
+        save = self.save_fn or save_encoder
         t0 = time.perf_counter()
         snap = self.snapshot_root / f"passage-encoder-step{step:07d}"
         tmp = snap.with_name(snap.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_encoder(passage_encoder, tmp)
+        save(passage_encoder, tmp)
         shutil.rmtree(snap, ignore_errors=True)
         tmp.rename(snap)
         record = {"step_started": step, "snapshot": str(snap), "snapshot_seconds": time.perf_counter() - t0,
