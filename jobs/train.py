@@ -162,9 +162,14 @@ def train_loop_per_worker(config: dict) -> None:
     every_ckpt = cfg.train.checkpoint_every or total
     use_dev = bool(cfg.train.eval_every and config.get("dev_rows"))
     t0, steps_since, window_loss = time.time(), 0, []
+    t_first, first_step, examples_since_first = None, trainer.step_num, 0.0   # throughput after the first step
     while trainer.step_num < total:
         metrics = trainer.step()
         trace.write(step=trainer.step_num - 1, indices=trainer.last_indices)
+        if t_first is None:
+            t_first = time.time()
+        else:
+            examples_since_first += metrics["examples"]
         steps_since += 1
         window_loss.append(metrics["loss"])
         step = trainer.step_num
@@ -181,6 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
                                    | {"steps_per_s": rate, "examples_per_s": examples_per_s}, step=step)
             t0, steps_since, window_loss = time.time(), 0, []
         report = {"step": step, "loss": metrics["loss"]}
+        if step - first_step > 1:
+            report["train_examples_per_s"] = examples_since_first / max(time.time() - t_first, 1e-9)
         if use_dev and step % cfg.train.eval_every == 0:
             if rank == 0:
                 dev, _ = evaluate(model, config["dev_rows"], k=cfg.eval.k, estimator=cfg.train.estimator,
