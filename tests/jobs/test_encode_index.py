@@ -200,3 +200,56 @@ def test_sharded_index_actors_identical_to_unsharded(ray_local, tmp_path):
         assert [b - a for a, b in sharded.bounds] == [1000, 1000, 1001]
     finally:
         sharded.shutdown()
+
+
+@pytest.mark.ray
+def test_refresh_builds_in_background_and_switches_at_a_step_boundary(ray_local, tmp_path):
+    """The train loop's hook on one rank: snapshot at step 2, a Ray task re-encodes with the snapshot and builds v2
+    while steps go on, the switch happens at a step boundary, and v2 holds the snapshot's vectors."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from jobs.index import build_index
+    from jobs.refresh import attach_passage_encoder, make_refresh_hook
+    from pipeline.config import load_config
+    from pipeline.index import current_version, load_index, passage_text
+    from pipeline.rag import RagModel
+
+    rows = _write_passages(tmp_path / "passages", n=30)
+    root = tmp_path / "index"
+    v1 = build_index(tmp_path / "passages", root)
+    cfg = load_config(None, ["retriever.train_passage_encoder=true", "index.refresh_schedule=0-:2",
+                             "index.rerank_top_m=8", "index.refresh_cpus=0.5"])
+    model = attach_passage_encoder(RagModel(None, None, load_index(v1)), cfg)
+    assert model.rerank_top_m == 8
+    with torch.no_grad():                                   # "training" moved the passage encoder
+        for p in model.passage_encoder.model.encoder.layer[0].parameters():
+            p.mul_(0.9)
+    logged, lines = [], []
+    hook = make_refresh_hook(cfg, v1, tmp_path / "run", rank=0, world=1,
+                             log_metrics=lambda m, step: logged.append((step, m)), log=lines.append)
+    assert hook(model, 1) is None and hook.refresher.in_flight is None
+    assert hook(model, 2) is None and hook.refresher.in_flight is not None   # submitted, training goes on
+    step, switched = 2, None
+    deadline = time.time() + 300
+    while switched is None and time.time() < deadline:
+        step += 1
+        switched = hook(model, step)
+        if step % 2 == 1:
+            time.sleep(0.5)
+    assert switched is not None and switched.endswith("v2"), lines
+    assert model.index.version == "v2" and current_version(root) == "v2"
+    m = model.index.manifest
+    assert m["encoder"] == "passage-encoder@step2" and m["build"]["refresh_step"] == 2
+    assert m["encoder_fingerprint"] != load_index(v1).manifest["encoder_fingerprint"]
+    probe = [rows[i] for i in (0, 7, 29)]
+    fresh = model.passage_encoder.encode([passage_text(r["title"], r["text"]) for r in probe]).numpy()
+    got = np.asarray(model.index.embeddings)[[model.index.ids.index(r["id"]) for r in probe]]
+    np.testing.assert_allclose(got, fresh, atol=1e-4)                       # v2 = the snapshot's vectors
+    stale = np.asarray(load_index(v1).embeddings)[[load_index(v1).ids.index(r["id"]) for r in probe]]
+    assert np.abs(stale - fresh).max() > 1e-3
+    (s, metrics), = [x for x in logged if "refresh_build_seconds" in x[1]]
+    assert s == step and metrics["refresh_steps_on_stale_index"] == step - 2 and metrics["refresh_build_seconds"] > 0
+    hook.close()
