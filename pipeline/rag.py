@@ -122,8 +122,11 @@ class RagModel(nn.Module):
             emb = self.passage_encoder([self.row_text(int(r)) for r in rows.reshape(-1)])
         else:
             emb = torch.from_numpy(np.asarray(self.index.embeddings[rows.reshape(-1)], dtype=np.float32))
-        emb = emb.view(*rows.shape, -1).to(device=query_vectors.device, dtype=query_vectors.dtype)
-        return (query_vectors.unsqueeze(1) * emb).sum(-1) / self.tau
+        # at least fp32: under bf16 autocast the query vectors are bf16, and score / tau (tau ~ 0.05) in bf16 keeps
+        # only ~3 significant digits of scores that differ in the third
+        dtype = torch.promote_types(query_vectors.dtype, torch.float32)
+        emb = emb.view(*rows.shape, -1).to(device=query_vectors.device, dtype=dtype)
+        return (query_vectors.to(dtype).unsqueeze(1) * emb).sum(-1) / self.tau
 
     def doc_scores(self, questions: list[str], cand: Candidates) -> torch.Tensor:
         return self.score_rows(cand.query_vectors, cand.rows)

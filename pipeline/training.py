@@ -102,8 +102,10 @@ def default_wrap(module: nn.Module) -> nn.Module:
 
 
 class RagTrainer:
-    """One optimiser step at a time. Parameter groups: generator, retriever (the prior query encoder) and, when the
-    estimator trains one (vrag, jsa), posterior (q(z|x,y)'s query encoder, at the retriever's learning rate).
+    """One optimiser step at a time. Parameter groups: generator, retriever (the prior query encoder), when the
+    estimator trains one (vrag, jsa), posterior (q(z|x,y)'s query encoder), and, when the model has a passage
+    encoder that trains, passage; the last two at the retriever's learning rate and schedule. Each group has its own
+    gradient norm (logged) and clipping. `train.grad_accum_steps` micro-batches make one optimiser step.
 
     Strategies (`train.strategy`):
       joint        every group trains from the start (after `generator_warmup_steps` for the retrievers);
@@ -147,6 +149,10 @@ class RagTrainer:
         self.retriever_params = [p for p in model.query_encoder.parameters()]
         posterior = getattr(model, "posterior_encoder", None)
         self.posterior_params = [p for p in posterior.parameters()] if posterior is not None else []
+        # the passage encoder, when the model has one (retriever.train_passage_encoder: fresh passage vectors with
+        # gradient, index refreshed in the background), trains with the retrievers, at the retriever's rate
+        passage = getattr(model, "passage_encoder", None)
+        self.passage_params = [p for p in passage.parameters()] if passage is not None else []
         self.generator_params = [p for p in model.generator.parameters()]
         warm, total, decay = train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.lr_decay
         if self.strategy == "two-phase":
@@ -174,10 +180,15 @@ class RagTrainer:
             if self.posterior_params:
                 groups.append({"params": self.posterior_params, "lr": retriever_lr, "name": "posterior"})
                 schedules.append(ret_schedule)
+            if self.passage_params:
+                groups.append({"params": self.passage_params, "lr": retriever_lr, "name": "passage"})
+                schedules.append(ret_schedule)
         else:
             model.query_encoder.requires_grad_(False)
             if posterior is not None:
                 posterior.requires_grad_(False)
+            if passage is not None:
+                passage.requires_grad_(False)
         # fused: one kernel for all parameters; the per-tensor loop took ~15% of a CPU step (MiniLM's 11.7M-entry
         # word embeddings get a dense gradient every step)
         self.optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay, fused=True)
@@ -207,6 +218,8 @@ class RagTrainer:
             parts["query_encoder"] = self.model.query_encoder
             if self.posterior_params:
                 parts["posterior_encoder"] = self.model.posterior_encoder
+            if self.passage_params:
+                parts["passage_encoder"] = self.model.passage_encoder
         key = tuple(parts)
         if not parts:
             return None
@@ -223,6 +236,8 @@ class RagTrainer:
         posterior = getattr(self.model, "posterior_encoder", None)
         if posterior is not None and self.posterior_params:
             posterior.requires_grad_(not frozen)
+        if self.passage_params:
+            self.model.passage_encoder.requires_grad_(not frozen)
         self.model.generator.requires_grad_(not gen_frozen)
         module = self._loss_module(frozen, gen_frozen)
         self.optimizer.zero_grad(set_to_none=True)
@@ -251,6 +266,8 @@ class RagTrainer:
         }
         if self.posterior_params:
             grad_norms["grad_norm/posterior"] = 0.0 if frozen else _grad_norm(self.posterior_params)
+        if self.passage_params:
+            grad_norms["grad_norm/passage"] = 0.0 if frozen else _grad_norm(self.passage_params)
         if self.cfg.grad_clip:
             # per module: the retriever's gradient is often 10x the generator's, and one joint clip would
             # shrink the generator's updates by as much
@@ -260,6 +277,8 @@ class RagTrainer:
                 torch.nn.utils.clip_grad_norm_(self.retriever_params, self.cfg.grad_clip)
                 if self.posterior_params:
                     torch.nn.utils.clip_grad_norm_(self.posterior_params, self.cfg.grad_clip)
+                if self.passage_params:
+                    torch.nn.utils.clip_grad_norm_(self.passage_params, self.cfg.grad_clip)
         lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}   # the rates this step used
         self.optimizer.step()
         self.scheduler.step()

@@ -192,3 +192,29 @@ def test_ddp_over_two_ranks_equals_one_process_with_the_global_batch(tmp_path):
     assert caches[0] and caches[1] and not caches[0] & caches[1]            # each rank saw its own examples
     assert caches[0] | caches[1] == set(t1.estimator.cache)
     assert state["data"]["position"] == 4 * 4
+
+
+def test_a_passage_encoder_trains_with_the_retrievers_in_its_own_group():
+    class WithPassage(_ToyModel):
+        def __init__(self):
+            super().__init__()
+            self.passage_encoder = torch.nn.Linear(2, 1)
+
+    class Est(_FeatureEstimator):
+        def loss(self, model, questions, answers):
+            out = super().loss(model, questions, answers)
+            x = torch.tensor([[float(q), 1.0] for q in questions])
+            out.loss = out.loss + model.passage_encoder(x).pow(2).mean()
+            return out
+
+    torch.manual_seed(0)
+    model = WithPassage()
+    cfg = TrainConfig(batch_size=2, max_steps=4, generator_warmup_steps=2, warmup_steps=0, lr_decay="constant")
+    t = RagTrainer(model, Est(), _ROWS, cfg, 0.1, 0.1)
+    assert [g["name"] for g in t.optimizer.param_groups] == ["generator", "retriever", "passage"]
+    before = model.passage_encoder.weight.detach().clone()
+    m = t.step()
+    assert m["grad_norm/passage"] == 0.0 and torch.equal(model.passage_encoder.weight, before)   # warm-up: frozen
+    t.step()
+    m = t.step()
+    assert m["grad_norm/passage"] > 0 and not torch.equal(model.passage_encoder.weight, before)
