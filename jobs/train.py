@@ -46,6 +46,10 @@ def build_model(cfg: Config, index, train_rows: list[dict] | None = None):
     model = RagModel(encoder, build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
     if REGISTRY[cfg.train.estimator].needs_posterior and cfg.train.strategy != "independent":
         model.add_posterior_encoder()            # q(z|x,y), initialised from the prior's weights
+    if cfg.retriever.train_passage_encoder:      # a trainable passage encoder + index refresh (jobs/refresh.py)
+        from jobs.refresh import attach_passage_encoder
+
+        attach_passage_encoder(model, cfg)
     return model
 
 
@@ -158,6 +162,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     mlflow = _attach_mlflow(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") \
         else None
+    from jobs.refresh import make_refresh_hook   # index refresh while the passage encoder trains (None: off)
+
+    refresh = make_refresh_hook(cfg, config["index_dir"], cfg.output_dir, rank, world, log=_log,
+                                log_metrics=(lambda m, s: mlflow.log_metrics(m, step=s)) if mlflow else None)
     total = cfg.train.max_steps
     every_ckpt = cfg.train.checkpoint_every or total
     use_dev = bool(cfg.train.eval_every and config.get("dev_rows"))
@@ -166,6 +174,8 @@ def train_loop_per_worker(config: dict) -> None:
     while trainer.step_num < total:
         metrics = trainer.step()
         trace.write(step=trainer.step_num - 1, indices=trainer.last_indices)
+        if refresh is not None:
+            refresh(model, trainer.step_num)     # a finished refresh build is switched to here, between steps
         if t_first is None:
             t_first = time.time()
         else:
@@ -216,6 +226,8 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(report, checkpoint=ckpt)
         elif "dev_score" in report:
             ray.train.report(report)
+    if refresh is not None:
+        refresh.close()
 
 
 # --------------------------------------------------------------------------------------------- driver side
@@ -335,7 +347,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
                                       decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,
                                       max_questions=cfg.eval.max_questions)
         metrics = {**final, "estimator": cfg.train.estimator, "strategy": cfg.train.strategy,
-                   "index_version": index.version, "index_dir": str(index.path), "steps": meta["step"],
+                   "index_version": model.index.version, "index_dir": str(model.index.path), "steps": meta["step"],
                    "train_seconds": round(train_seconds, 1), "initial": initial,
                    "mlflow_run_id": tracker.run_id}
         write_json(metrics, output_dir / "metrics.json")

@@ -147,6 +147,8 @@ class RagTrainer:
         self.order = DataOrder(len(train_rows), train_cfg.batch_size, world_size, rank, train_cfg.seed,
                                self.accum_steps)
         self.retriever_params = [p for p in model.query_encoder.parameters()]
+        if getattr(model, "passage_encoder", None) is not None:   # retriever.train_passage_encoder (index refresh)
+            self.retriever_params += list(model.passage_encoder.parameters())
         posterior = getattr(model, "posterior_encoder", None)
         self.posterior_params = [p for p in posterior.parameters()] if posterior is not None else []
         # the passage encoder, when the model has one (retriever.train_passage_encoder: fresh passage vectors with
@@ -216,6 +218,8 @@ class RagTrainer:
             parts["generator"] = self.model.generator
         if not frozen:
             parts["query_encoder"] = self.model.query_encoder
+            if getattr(self.model, "passage_encoder", None) is not None:
+                parts["passage_encoder"] = self.model.passage_encoder
             if self.posterior_params:
                 parts["posterior_encoder"] = self.model.posterior_encoder
             if self.passage_params:
@@ -233,6 +237,8 @@ class RagTrainer:
         self.model.train()
         frozen, gen_frozen = self.retriever_frozen(), self.generator_frozen()
         self.model.query_encoder.requires_grad_(not frozen)
+        if getattr(self.model, "passage_encoder", None) is not None:
+            self.model.passage_encoder.requires_grad_(not frozen)
         posterior = getattr(self.model, "posterior_encoder", None)
         if posterior is not None and self.posterior_params:
             posterior.requires_grad_(not frozen)
