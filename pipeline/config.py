@@ -110,6 +110,7 @@ class TrainConfig:
 class EstimatorConfig:
     """Hyperparameters of the estimators; `train.estimator` selects which one runs."""
     vrag_beta: float = 1.0             # vrag: weight of KL(q || p) in the ELBO
+    vrag_candidates: str = "posterior"  # vrag: C = posterior top-K, or union (prior top-K ∪ posterior top-K)
     jsa_num_proposals: int = 20        # jsa: Metropolis independence sampler steps (proposals) per example
     jsa_likelihood: str = "exact"      # jsa: exact | normalized (per-token mean log-likelihood in the ratio)
     jsa_cache: bool = True             # jsa: start each chain from the example's last accepted passage
@@ -182,6 +183,8 @@ class Config:
         if self.retriever.tau <= 0:
             raise ConfigError(f"retriever.tau: must be > 0, got {self.retriever.tau}")
         e = self.estimator
+        if e.vrag_candidates not in ("posterior", "union"):
+            raise ConfigError(f"estimator.vrag_candidates: {e.vrag_candidates!r}; choose posterior or union")
         if e.jsa_likelihood not in ("exact", "normalized"):
             raise ConfigError(f"estimator.jsa_likelihood: {e.jsa_likelihood!r}; choose exact or normalized")
         for key, value in (("estimator.jsa_num_proposals", e.jsa_num_proposals),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -68,3 +69,13 @@ def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, normalized: bool
     m = mask.to(token_lp.dtype)
     total = (token_lp * m).sum(-1)
     return total / m.sum(-1).clamp_min(1.0) if normalized else total
+
+
+def union_rows(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Per row, the distinct members of first ∪ second (first's order first), padded with the row's first member;
+    returns (rows [B, M], mask [B, M])."""
+    sets = [list(dict.fromkeys(int(r) for r in (*a, *b))) for a, b in zip(first, second)]
+    m = max(len(s) for s in sets)
+    rows = np.array([s + [s[0]] * (m - len(s)) for s in sets], dtype=np.int64)
+    mask = torch.tensor([[j < len(s) for j in range(m)] for s in sets])
+    return rows, mask

@@ -1,29 +1,34 @@
 """`vrag`: variational RAG. A posterior retriever q(z|x,y) (its own query encoder over "question [SEP] answer")
-proposes C = its top-K; the ELBO is enumerated exactly over C:
+proposes the candidate set C; the ELBO is enumerated exactly over C:
 
     loss = sum_{k in C} q_k * NLL(y | x, z_k) + beta * KL(q || p),
 
 with q = softmax(posterior scores / tau) and p = softmax(prior scores / tau), both normalised over C.
 Gradients: generator through the q-weighted NLL; prior through the KL; posterior through both
 (d/dq of sum_k q_k [NLL_k + beta log(q_k / p_k)]: exact, no sampling).
+
+`estimator.vrag_candidates`: `posterior` = C is the posterior's top-K (VRAG as published); `union` = C is the
+prior's top-K ∪ the posterior's top-K (as JSA's C), so q can choose the passages the prior ranks first and the prior
+is pushed down on its own wrong candidates; it scores up to 2K passages per example.
 """
 from __future__ import annotations
 
 import torch
 
-from pipeline.estimators.base import Estimator, EstimatorOutput, entropy
+from pipeline.estimators.base import Estimator, EstimatorOutput, entropy, masked_log_softmax, union_rows
 from pipeline.estimators.marginals import sequence_logprobs
 
 
 def vrag_loss(post_logits: torch.Tensor, prior_logits: torch.Tensor, seq_logprobs: torch.Tensor,
-              beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              beta: float = 1.0, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per example [B]: (loss, expected NLL, KL). Inputs [B, K]: posterior and prior scores over the same C and
-    log p(y|x,z_k)."""
-    log_q = torch.log_softmax(post_logits, -1)
-    log_p = torch.log_softmax(prior_logits, -1)
+    log p(y|x,z_k); `mask` [B, K] marks the real members of a padded C."""
+    log_q = masked_log_softmax(post_logits, mask)
+    log_p = masked_log_softmax(prior_logits, mask)
     q = log_q.exp()
-    nll = -(q * seq_logprobs).sum(-1)
-    kl = (q * (log_q - log_p)).sum(-1)
+    keep = torch.ones_like(q, dtype=torch.bool) if mask is None else mask
+    nll = -(q * seq_logprobs.masked_fill(~keep, 0.0)).sum(-1)
+    kl = (q * (log_q - log_p).masked_fill(~keep, 0.0)).sum(-1)
     return nll + beta * kl, nll, kl
 
 
@@ -32,17 +37,24 @@ class Vrag(Estimator):
     needs_posterior = True
 
     def loss(self, model, questions, answers, rows=None):
-        cand = model.retrieve_posterior(questions, answers, self.k)          # C = posterior top-K (no grad search)
+        cand = model.retrieve_posterior(questions, answers, self.k)          # posterior top-K (no grad search)
+        prior_q = model.query_encoder(questions)
+        mask = None
+        if self.cfg.vrag_candidates == "union":
+            c_rows, mask = union_rows(model.search_rows(prior_q, self.k), cand.rows)
+            cand = model.candidates(c_rows, cand.query_vectors)
+            mask = mask.to(prior_q.device)
         post_scores = model.score_rows(cand.query_vectors, cand.rows)         # grad -> posterior encoder
-        prior_scores = model.score_rows(model.query_encoder(questions), cand.rows)   # grad -> prior encoder
-        token_lp, mask = model.answer_token_logprobs(questions, cand, answers)      # grad -> generator
-        seq = sequence_logprobs(token_lp, mask)
-        loss, nll, kl = vrag_loss(post_scores, prior_scores, seq, self.cfg.vrag_beta)
+        prior_scores = model.score_rows(prior_q, cand.rows)                   # grad -> prior encoder
+        token_lp, tmask = model.answer_token_logprobs(questions, cand, answers)     # grad -> generator
+        seq = sequence_logprobs(token_lp, tmask)
+        loss, nll, kl = vrag_loss(post_scores, prior_scores, seq, self.cfg.vrag_beta, mask)
         with torch.no_grad():
-            log_q = torch.log_softmax(post_scores, -1)
-            log_p = torch.log_softmax(prior_scores, -1)
+            log_q = masked_log_softmax(post_scores, mask)
+            log_p = masked_log_softmax(prior_scores, mask)
             diag = {"nll": float(nll.mean()), "kl": float(kl.mean()),
                     "posterior_entropy": float(entropy(log_q).mean()),
                     "prior_entropy": float(entropy(log_p).mean()),
-                    "posterior_top1_agree": float((log_q.argmax(-1) == log_p.argmax(-1)).float().mean())}
+                    "posterior_top1_agree": float((log_q.argmax(-1) == log_p.argmax(-1)).float().mean()),
+                    "candidates": float(mask.sum(-1).float().mean()) if mask is not None else float(self.k)}
         return EstimatorOutput(loss.mean(), diag)

@@ -215,11 +215,14 @@ def _fd_check(model, f, coords=6, eps=1e-6, seed=0):
     return checked
 
 
-@pytest.mark.parametrize("name", ["rag-sequence", "rag-token", "vrag", "jsa"])
+@pytest.mark.parametrize("name", ["rag-sequence", "rag-token", "vrag", "vrag-union", "jsa"])
 def test_estimator_gradient_matches_finite_differences(name):
     """No stop-gradient inside these losses (JSA's samples are discrete: the same seed gives the same states)."""
     model = fake_model(4)
-    est = build_estimator(name, k=3, cfg=EstimatorConfig(jsa_num_proposals=8, jsa_cache=False, vrag_beta=0.7))
+    cfg = EstimatorConfig(jsa_num_proposals=8, jsa_cache=False, vrag_beta=0.7,
+                          vrag_candidates="union" if name == "vrag-union" else "posterior")
+    name = name.replace("-union", "")
+    est = build_estimator(name, k=3, cfg=cfg)
 
     def f():
         torch.manual_seed(123)
@@ -376,3 +379,39 @@ def test_two_phase_freezes_the_retrievers_then_the_generator():
         assert m["retriever_frozen"] == 0.0 and m["generator_frozen"] == 1.0 and m["lr/generator"] == 0.0
     end = snap()
     assert not torch.equal(end[0], mid[0]) and not torch.equal(end[1], mid[1]) and torch.equal(end[2], mid[2])
+
+
+def test_vrag_union_enumerates_the_elbo_over_prior_and_posterior_top_k():
+    """C = prior top-K ∪ posterior top-K; the loss equals the ELBO computed by hand over exactly that set."""
+    model = fake_model(7, k_sharp=6.0)
+    est = build_estimator("vrag", k=2, cfg=EstimatorConfig(vrag_beta=0.5, vrag_candidates="union"))
+    out = est.loss(model, ["q0", "q1"], ["a", "a"])
+    expected = []
+    for q in range(2):
+        prior, post = model.query_encoder.table[q].detach(), model.posterior_encoder.table[q].detach()
+        c = sorted(set(torch.topk(prior, 2).indices.tolist()) | set(torch.topk(post, 2).indices.tolist()))
+        log_q, log_p = torch.log_softmax(post[c], 0), torch.log_softmax(prior[c], 0)
+        ll = seq_loglik(model, q)[c]
+        expected.append(float((log_q.exp() * (-ll + 0.5 * (log_q - log_p))).sum()))
+    assert out.diagnostics["candidates"] > 2          # the two top-2 sets differ somewhere: C is larger than K
+    assert float(out.loss.detach()) == pytest.approx(np.mean(expected), rel=1e-9)
+
+
+def test_retriever_anchor_is_zero_at_the_start_and_pulls_back_a_drifted_retriever():
+    from pipeline.anchor import RetrieverAnchor
+
+    model = fake_model(3)
+    anchor = RetrieverAnchor(model.query_encoder, weight=1.0, k=3)
+    kl = anchor.kl(model, ["q0", "q1"])
+    assert torch.allclose(kl, torch.zeros(2, dtype=kl.dtype), atol=1e-12)
+    with torch.no_grad():                                   # the retriever drifts away from its start
+        model.query_encoder.table.add_(torch.randn_like(model.query_encoder.table) * 2.0)
+    kl = anchor.kl(model, ["q0", "q1"])
+    assert (kl > 1e-3).all()
+    opt = torch.optim.SGD(model.query_encoder.parameters(), lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        anchor.kl(model, ["q0", "q1"]).sum().backward()
+        opt.step()
+    assert float(anchor.kl(model, ["q0", "q1"]).sum()) < 0.1 * float(kl.sum())
+    assert anchor.encoder.table.requires_grad is False       # the anchor itself never trains
