@@ -31,16 +31,18 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
                 encode_batch_size: int = 32, cpus_per_actor: float = 1, verify: bool = False,
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
-                dtype: str = "float32", read_cpus: float | None = None, **index_params) -> Path:
+                dtype: str = "float32", read_cpus: float | None = None, parallel_min_vectors: int = 20_000,
+                **index_params) -> Path:
     """Encode `passages_dir` on the running Ray (or a local one) and write the next index version under
     `index_root`; returns the version directory (made `current` unless `make_current=False`).
 
     The encode goes to ``index_root/.embeddings-<encoder>-<corpus>`` and is resumed from there when an earlier
     build crashed; it is removed once the version is written. Every embedding shard is checked against the encode
     summary (dim, rows) and against its passage shard (same ids), else `EmbeddingsFormatError` names the file and no
-    version is written. flat and ivfpq indexes are built shard-parallel (`build_parallel`): ivfpq is trained once on
-    a sample, one Ray task per embedding shard adds that shard's vectors, and the parts are merged in shard order;
-    hnsw is built in one process. `encoder_name` (default: `encoder`) is what the manifest records.
+    version is written. flat and ivfpq indexes of at least `parallel_min_vectors` vectors are built shard-parallel
+    (`build_parallel`): ivfpq is trained once on a sample, one Ray task per embedding shard adds that shard's
+    vectors, and the parts are merged in shard order (below that size task overhead outweighs the work); hnsw is
+    built in one process (FAISS's OpenMP threads: HNSW graphs do not merge). `encoder_name` (default: `encoder`) is what the manifest records.
     Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
     from jobs.encode import encode_passages, passage_files
     from pipeline.models.retriever import resolve_encoder_path
@@ -61,7 +63,8 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     params = dict(index_params)
     threads = params.pop("threads", None)
     index = None
-    parallel = build_parallel and index_type in MERGEABLE_TYPES and len(shard_rows) > 1
+    parallel = (build_parallel and index_type in MERGEABLE_TYPES and len(shard_rows) > 1
+                and len(ids) >= parallel_min_vectors)
     if parallel:
         index = _build_shard_parallel(embeddings, shard_rows, index_type, build_cpus, threads, params)
     build_seconds = time.perf_counter() - t0

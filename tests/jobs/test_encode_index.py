@@ -161,7 +161,7 @@ def test_bad_embedding_shards_give_no_index_and_ivfpq_builds_shard_parallel(ray_
     assert list_versions(root) == [] and not (root / "current").exists()
 
     pq.write_table(good, shard)
-    version = build_index(passages, root, index_type="ivfpq", verify=True)
+    version = build_index(passages, root, index_type="ivfpq", verify=True, parallel_min_vectors=0)
     index = load_index(version)
     m = index.manifest
     assert m["build"]["build"] == {**m["build"]["build"], "shard_parallel": True, "shards": 3}
