@@ -220,8 +220,27 @@ class CopyBart(Generator):
     # prefix extends that prefix by one token runs the decoder on the new token only; any other prefix is run whole
     # (and cached), so callers that pass arbitrary prefixes stay correct. `select_state` moves the cache along with
     # the rows (beam reordering, dropping finished beams).
+    def _encode_by_length(self, inputs, chunks: int = 8):
+        """The encoder over rows sorted by length in `chunks` groups, each cut to its own longest row: a batch of
+        many (question, passage) pairs pads far less. Positions past a row's length hold whatever (they are masked
+        everywhere downstream: cross-attention, copy attention)."""
+        mask = inputs["attention_mask"]
+        n = mask.size(0)
+        if n < 2 * chunks:
+            return self._encode(inputs)
+        lengths = mask.sum(1)
+        order = lengths.argsort(descending=True)
+        enc = None
+        for rows in order.chunk(chunks):
+            width = int(lengths[rows[0]])
+            part = self._encode({"input_ids": inputs["input_ids"][rows, :width], "attention_mask": mask[rows, :width]})
+            if enc is None:
+                enc = part.new_zeros(n, mask.size(1), part.size(-1))
+            enc[rows, :width] = part
+        return enc
+
     def start_decoding(self, inputs):
-        enc = self._encode(inputs)
+        enc = self._encode_by_length(inputs)
         keys, before, copyable = self._copy_parts(inputs, enc)
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "enc": enc,
                 "copy_keys": keys, "copy_before": before, "copyable": copyable, "cache": None, "cache_prefix": None}

@@ -118,3 +118,20 @@ def test_live_beam_search_equals_stepping_every_beam_on_random_tables():
         assert [s for x in a for _, s in x] == pytest.approx([s for x in b for _, s in x], abs=1e-6)
         assert len(b[0]) == nb
         assert all(not math.isinf(s) for x in b for _, s in x)
+
+
+@torch.no_grad()
+def test_encoding_by_length_equals_one_padded_pass(gen):
+    qs, ps = pairs()
+    qs, ps = qs * 2, [p + " and more words" * (i % 5) for i, p in enumerate(ps * 2)]     # 24 rows, mixed lengths
+    inputs = gen.encode_inputs(qs, ps)
+    mask = inputs["attention_mask"].bool()
+    assert mask.sum(1).unique().numel() > 3
+    whole = gen._encode(inputs)
+    by_length = gen._encode_by_length(inputs)
+    assert torch.allclose(whole[mask], by_length[mask], atol=1e-5)
+    assert by_length.shape == whole.shape
+    state = gen.start_decoding(inputs)
+    prefix = torch.full((len(qs), 1), gen.start_token_id)
+    assert torch.allclose(gen.decode_step(state, prefix), reference_step(gen, {**state, "enc": whole}, prefix),
+                          atol=1e-5)
