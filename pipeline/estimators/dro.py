@@ -26,7 +26,7 @@ def plackett_luce_sample(scores: torch.Tensor, n: int, length: int,
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """[B, K] logits -> [B, n, length] ordered lists (indices into K), exact Plackett-Luce draws (Gumbel top-L)."""
     b, k = scores.shape
-    u = torch.rand(b, n, k, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    u = torch.rand(b, n, k, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12).to(scores.device)
     keys = scores.detach().double().unsqueeze(1) - torch.log(-torch.log(u))
     return keys.topk(length, dim=-1).indices
 

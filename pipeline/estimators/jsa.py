@@ -137,7 +137,7 @@ class Jsa(Estimator):
         with torch.no_grad():
             q_probs = log_post.detach().exp().float()
             proposals = torch.multinomial(q_probs, n, replacement=True, generator=generator)     # [B, n]
-            uniforms = torch.rand(b, n, generator=generator, dtype=torch.float64).clamp_min(1e-300)
+            uniforms = torch.rand(b, n, generator=generator, dtype=torch.float64).clamp_min(1e-300).to(q_probs.device)
             # each distinct proposal (and the chain's start) scored once, one batched pass
             need = [sorted(set(proposals[i].tolist()) | ({init[i]} if init[i] >= 0 else set())) for i in range(b)]
             flat = [(i, j) for i in range(b) for j in need[i]]
