@@ -17,8 +17,10 @@ import asyncio
 import hmac
 import json
 import os
+import queue
 import time
 from collections import OrderedDict, defaultdict
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Dict
 
 import numpy as np
@@ -149,101 +151,49 @@ class Retriever:
 
 
 # --------------------------------------------------------------------------------------------- Generator
-class _Retrieved:
-    """Stands in for RagModel in pipeline.decoding: retrieval already happened in the Retriever deployment, so
-    `retrieve` and `doc_scores` hand back what it found. (A `candidates=`/`doc_scores=` argument on the pipeline decoders would make this
-    stand-in unnecessary.)"""
-
-    def __init__(self, generator, items: list[dict]):
-        import torch
-
-        from pipeline.rag import Candidates
-
-        self.generator = generator
-        ps = [it["retrieved"]["passages"] for it in items]
-        self._cand = Candidates(rows=np.array([[p["row"] for p in row] for row in ps]),
-                                ids=[[p["id"] for p in row] for row in ps],
-                                texts=[[p["generator_text"] for p in row] for row in ps], query_vectors=None)
-        self._scores = torch.tensor([[p["score"] for p in row] for row in ps], dtype=torch.float32)
-
-    def retrieve(self, questions, k):
-        return self._cand
-
-    def doc_scores(self, questions, cand):
-        return self._scores
-
-
-def _decode_group(gen, items: list[dict], thorough: bool) -> list[dict]:
-    """Decode questions that share model version, mode, k, beams and length in one batched call."""
+def _decode_group(gen, items: list[dict], thorough: bool, on_step=None) -> list[dict]:
+    """Decode questions that share model version, mode, k, beams and length in one batched call of the pipeline's
+    decoders, on the passages the Retriever found (`candidates=`, `doc_scores=`): one encoder pass over every
+    (question, passage) pair of the group, one decoder step per token for all their live beams."""
     import torch
 
     from pipeline.decoding import rag_sequence_decode, rag_token_decode
+    from pipeline.rag import Candidates
 
     first = items[0]
-    shim = _Retrieved(gen, items)
+    ps = [it["retrieved"]["passages"] for it in items]
+    cand = Candidates(rows=np.array([[p["row"] for p in row] for row in ps]),
+                      ids=[[p["id"] for p in row] for row in ps],
+                      texts=[[p["generator_text"] for p in row] for row in ps], query_vectors=None)
+    scores = torch.tensor([[p["score"] for p in row] for row in ps], dtype=torch.float32)
+    model = SimpleNamespace(generator=gen)            # retrieval happened in the Retriever deployment
     questions = [it["question"] for it in items]
+    common = dict(k=first["k"], num_beams=first["num_beams"], max_len=first["max_new_tokens"], candidates=cand,
+                  doc_scores=scores)
     with torch.no_grad():
         if first["mode"] == "rag-sequence":
-            answers = rag_sequence_decode(shim, questions, k=first["k"], num_beams=first["num_beams"],
-                                          max_len=first["max_new_tokens"], thorough=thorough)
+            answers = rag_sequence_decode(model, questions, thorough=thorough, **common)
         else:
-            answers = rag_token_decode(shim, questions, k=first["k"], num_beams=first["num_beams"],
-                                       max_len=first["max_new_tokens"])
+            answers = rag_token_decode(model, questions, on_step=on_step, **common)
     return [{"answer": a.answer, "score": a.score,
              "posterior": [p.get("posterior") for p in a.passages]} for a in answers]
 
 
-def _stream_rag_token(gen, item: dict):
-    """Greedy RAG-Token decoding, one token at a time: yields text pieces, returns (answer, score)."""
-    import torch
-
-    texts = [p["generator_text"] for p in item["retrieved"]["passages"]]
-    k = len(texts)
-    max_len = item["max_new_tokens"] or gen.max_target_length
-    with torch.no_grad():
-        inputs = gen.encode_inputs([item["question"]] * k, texts)
-        state = gen.start_decoding(inputs)
-        prior = torch.log_softmax(torch.tensor([p["score"] for p in item["retrieved"]["passages"]]), -1)
-        prior = prior.to(inputs["input_ids"].device).unsqueeze(-1)                       # [K, 1]
-        prefix = torch.full((1, 1), gen.start_token_id, dtype=torch.long, device=inputs["input_ids"].device)
-        ids: list[int] = []
-        score, shown = 0.0, ""
-        stop = {gen.eos_token_id, gen.tokenizer.pad_token_id}
-        for _ in range(max_len):
-            logp = gen.decode_step(state, prefix.repeat(k, 1)).float()                  # [K, V]
-            marginal = torch.logsumexp(logp + prior, dim=0)                               # [V]
-            tok = int(marginal.argmax())
-            score += float(marginal[tok])
-            if tok in stop:
-                break
-            ids.append(tok)
-            prefix = torch.cat([prefix, prefix.new_full((1, 1), tok)], 1)
-            text = gen.decode(ids)
-            piece = text[len(shown):] if text.startswith(shown) else text
-            shown = text
-            if piece:
-                yield piece
-    return gen.decode(ids), score
-
-
-def _advance(it) -> tuple[bool, Any]:
-    """next(it) for asyncio.to_thread: StopIteration must not cross into a Future (it would hang)."""
-    try:
-        return False, next(it)
-    except StopIteration as stop:
-        return True, stop.value
+def _text_pieces(gen, ids_stream):
+    """Token-id prefixes -> the new text each one adds (detokenised as a whole, so word pieces join up)."""
+    shown = ""
+    for ids in ids_stream:
+        text = gen.decode(ids)
+        piece = text[len(shown):] if text.startswith(shown) else text
+        shown = text
+        if piece:
+            yield piece
 
 
 def _pieces(gen, answer: str):
     """The pieces of an already decoded answer, token by token."""
     ids = gen.tokenizer(answer, add_special_tokens=False)["input_ids"]
-    shown = ""
-    for n in range(1, len(ids) + 1):
-        text = gen.decode(ids[:n])
-        piece = text[len(shown):] if text.startswith(shown) else text
-        shown = text
-        if piece:
-            yield piece
+    yield from _text_pieces(gen, (ids[:n] for n in range(1, len(ids) + 1)))
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=64, max_queued_requests=512,
@@ -283,18 +233,29 @@ class Generator:
 
     async def stream(self, item: dict) -> AsyncIterator[dict]:
         """Events {"token": piece} ... then {"done": {answer, score, posterior}}. RAG-Token with one beam streams
-        tokens as they are decoded; otherwise the answer is decoded first (the sequence-level choice needs every
-        hypothesis) and its tokens follow."""
+        tokens as the decoder emits them (the same `rag_token_decode` call as /v1/answer, watched step by step);
+        otherwise the answer is decoded first (the sequence-level choice needs every hypothesis) and its tokens
+        follow."""
         gen = await self.models.get(ModelRef.from_dict(item["ref"]))
         if item["mode"] == "rag-token" and item["num_beams"] == 1:
-            it = _stream_rag_token(gen, item)
-            while True:
-                finished, value = await asyncio.to_thread(_advance, it)
-                if finished:
-                    answer, score = value
-                    break
-                yield {"token": value}
-            yield {"done": {"answer": answer, "score": score, "posterior": None}}
+            steps: queue.Queue = queue.Queue()
+            stop = {gen.eos_token_id, gen.tokenizer.pad_token_id}
+
+            def on_step(prefix):                          # [1, t]: start token, then what was emitted so far
+                ids = prefix[0, 1:].tolist()
+                if ids and ids[-1] not in stop:
+                    steps.put(ids)
+
+            task = asyncio.ensure_future(asyncio.to_thread(_decode_group, gen, [item], self.thorough, on_step))
+            task.add_done_callback(lambda _: steps.put(None))
+            shown = ""
+            while (ids := await asyncio.to_thread(steps.get)) is not None:
+                text = gen.decode(ids)
+                piece = text[len(shown):] if text.startswith(shown) else text
+                shown = text
+                if piece:
+                    yield {"token": piece}
+            yield {"done": (await task)[0]}
             return
         out = (await asyncio.to_thread(_decode_group, gen, [item], self.thorough))[0]
         for piece in _pieces(gen, out["answer"]):
