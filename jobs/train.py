@@ -82,6 +82,34 @@ def _attach_mlflow(tracking_uri: str, run_id: str):
     return setup_mlflow(tracking_uri=tracking_uri, experiment_id=experiment_id, rank_zero_only=True)
 
 
+class ShardedTrainIndex:
+    """A `jobs.sharded_index.ShardedIndex` (search spread over index-shard actors) plus the memory-mapped
+    embeddings.npy, from which a step reads only the rows it scores (RagModel.score_rows)."""
+
+    def __init__(self, sharded):
+        import numpy as np
+
+        from pipeline.index import EMBEDDINGS_NAME
+
+        self.sharded = sharded
+        self.embeddings = np.load(sharded.path / EMBEDDINGS_NAME, mmap_mode="r")
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["sharded"], name)
+
+
+def open_train_index(index_dir, cfg: Config):
+    """The index a training worker searches: memory-mapped in the worker (FAISS IO_FLAG_MMAP where the type
+    allows, embeddings.npy with np.load(mmap_mode)), or, with index.search_shards > 1, through shard actors."""
+    from pipeline.index import load_index
+
+    if cfg.index.search_shards > 1:
+        from jobs.sharded_index import ShardedIndex
+
+        return ShardedTrainIndex(ShardedIndex(index_dir, num_shards=cfg.index.search_shards))
+    return load_index(index_dir)
+
+
 class _Trace:
     """OUTPUT_DIR/trace/rank<r>.jsonl (train.trace): this worker's pid at start and the example indices of every
     step, so a test can kill a worker for real and check that no example was lost."""
@@ -133,9 +161,9 @@ def train_loop_per_worker(config: dict) -> None:
         trainer_state = load_trainer_state(config["resume_from"])
         resume_dir = config["resume_from"]
     else:
-        # the index is memory-mapped (FAISS IO_FLAG_MMAP where the type allows, embeddings.npy via np.load):
-        # workers on one node share its pages
         model = build_model(cfg, load_index(config["index_dir"]), config["train_rows"])
+    if cfg.index.search_shards > 1:            # a large index: search through shard actors (owned by this worker)
+        model.set_index(open_train_index(model.index.path, cfg))
     model.to(device)
 
     estimator = build_estimator(cfg.train.estimator, k=cfg.train.k, cfg=cfg.estimator)

@@ -74,6 +74,9 @@ class IndexConfig:
                                        # "0-1000:200,1000-:1000"; empty = never re-encode during training
     rerank_top_m: int = 0              # > train.k: re-score the retrieved top-M with the current passage encoder
     refresh_cpus: float = 1.0          # logical CPUs of the background refresh build (its encode has its own actors)
+    search_shards: int = 0            # train workers: > 1 = search through that many index-shard actors per worker
+                                       # (jobs.sharded_index, for indexes too large to map in every worker); 0 = each
+                                       # worker memory-maps the index version
 
 
 @dataclass
