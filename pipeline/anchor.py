@@ -43,3 +43,23 @@ class RetrieverAnchor:
 
     def load_state_dict(self, state: dict) -> None:
         self.encoder.load_state_dict(state["encoder"])
+
+
+class AnchoredObjective:
+    """An estimator (or strategy objective) plus `anchor.weight * KL` while the query encoder trains."""
+
+    def __init__(self, objective, anchor: RetrieverAnchor):
+        self.objective, self.anchor = objective, anchor
+        self.needs_rows = getattr(objective, "needs_rows", False)
+
+    def loss(self, model, questions, answers, rows=None):
+        from pipeline.estimators.base import EstimatorOutput
+
+        if self.needs_rows:
+            out = self.objective.loss(model, questions, answers, rows=rows)
+        else:
+            out = self.objective.loss(model, questions, answers)
+        if not any(p.requires_grad for p in model.query_encoder.parameters()):
+            return out                                   # retriever frozen (warm-up, phase 1): nothing to anchor
+        kl = self.anchor.kl(model, questions).mean()
+        return EstimatorOutput(out.loss + self.anchor.weight * kl, {**out.diagnostics, "anchor_kl": float(kl.detach())})

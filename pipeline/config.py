@@ -90,6 +90,7 @@ class TrainConfig:
     batch_size: int = 16
     max_steps: int = 300
     generator_warmup_steps: int = 0    # steps with the retriever frozen while the generator learns to read
+    retriever_anchor_kl: float = 0.0   # weight of KL(p_start(z|x) || p(z|x)) to the starting retriever (0 = off)
     warmup_steps: int = 20             # lr linear warm-up for both groups
     lr_decay: str = "linear"           # linear | constant
     grad_clip: float = 1.0
@@ -198,7 +199,8 @@ class Config:
         if e.dro_list_length > self.train.k:
             raise ConfigError(f"estimator.dro_list_length: {e.dro_list_length} > train.k={self.train.k} "
                               "(lists are drawn from the top-k candidates)")
-        for key, value in (("estimator.vrag_beta", e.vrag_beta),):
+        for key, value in (("estimator.vrag_beta", e.vrag_beta),
+                           ("train.retriever_anchor_kl", self.train.retriever_anchor_kl)):
             if value < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {value}")
         for key, value in (("estimator.distill_temperature", e.distill_temperature),

@@ -144,11 +144,15 @@ class RagTrainer:
             self.objective = estimator
             if hasattr(estimator, "prepare"):
                 estimator.prepare(model)       # e.g. adds the posterior encoder for vrag / jsa
+        self.anchor = None
+        if getattr(train_cfg, "retriever_anchor_kl", 0.0) > 0:
+            from pipeline.anchor import AnchoredObjective, RetrieverAnchor
+
+            self.anchor = RetrieverAnchor(model.query_encoder, train_cfg.retriever_anchor_kl, train_cfg.k)
+            self.objective = AnchoredObjective(self.objective, self.anchor)
         self.order = DataOrder(len(train_rows), train_cfg.batch_size, world_size, rank, train_cfg.seed,
                                self.accum_steps)
         self.retriever_params = [p for p in model.query_encoder.parameters()]
-        if getattr(model, "passage_encoder", None) is not None:   # retriever.train_passage_encoder (index refresh)
-            self.retriever_params += list(model.passage_encoder.parameters())
         posterior = getattr(model, "posterior_encoder", None)
         self.posterior_params = [p for p in posterior.parameters()] if posterior is not None else []
         # the passage encoder, when the model has one (retriever.train_passage_encoder: fresh passage vectors with
@@ -218,8 +222,6 @@ class RagTrainer:
             parts["generator"] = self.model.generator
         if not frozen:
             parts["query_encoder"] = self.model.query_encoder
-            if getattr(self.model, "passage_encoder", None) is not None:
-                parts["passage_encoder"] = self.model.passage_encoder
             if self.posterior_params:
                 parts["posterior_encoder"] = self.model.posterior_encoder
             if self.passage_params:
@@ -237,8 +239,6 @@ class RagTrainer:
         self.model.train()
         frozen, gen_frozen = self.retriever_frozen(), self.generator_frozen()
         self.model.query_encoder.requires_grad_(not frozen)
-        if getattr(self.model, "passage_encoder", None) is not None:
-            self.model.passage_encoder.requires_grad_(not frozen)
         posterior = getattr(self.model, "posterior_encoder", None)
         if posterior is not None and self.posterior_params:
             posterior.requires_grad_(not frozen)
@@ -318,6 +318,7 @@ class RagTrainer:
                 "data": {"position": self.order.position(self.step_num), "seed": self.order.seed,
                          "num_examples": self.order.n, "examples_per_step": self.order.per_step},
                 "world_size": self.world_size, "ranks": ranks,
+                "anchor": self.anchor.state_dict() if self.anchor is not None else None,
                 # rank 0's, at the top level as before (older readers, single-worker tools)
                 "estimator": ranks[0]["estimator"], "rng": ranks[0]["rng"]}
 
@@ -325,6 +326,8 @@ class RagTrainer:
         self.step_num = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.anchor is not None and state.get("anchor"):
+            self.anchor.load_state_dict(state["anchor"])     # the run's starting retriever, not the resumed one
         data = state.get("data")
         if data is not None:
             self.order.rebase(self.step_num, int(data["position"]))

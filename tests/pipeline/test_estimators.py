@@ -415,3 +415,26 @@ def test_retriever_anchor_is_zero_at_the_start_and_pulls_back_a_drifted_retrieve
         opt.step()
     assert float(anchor.kl(model, ["q0", "q1"]).sum()) < 0.1 * float(kl.sum())
     assert anchor.encoder.table.requires_grad is False       # the anchor itself never trains
+
+
+def test_trainer_with_anchor_adds_the_kl_and_keeps_the_start_across_a_resume():
+    model = fake_model(5)
+    rows = [{"question": f"q{i % 2}", "answers": ["a"]} for i in range(4)]
+    cfg = TrainConfig(batch_size=2, max_steps=6, warmup_steps=0, lr_decay="constant", k=3, retriever_anchor_kl=1.0)
+    start = model.query_encoder.table.detach().clone()
+    trainer = RagTrainer(model, build_estimator("rag-sequence", k=3), rows, cfg, 0.5, 0.1)
+    m1 = trainer.step()
+    assert m1["anchor_kl"] == pytest.approx(0.0, abs=1e-9)      # current retriever == starting one at step 0
+    trainer.step()
+    assert float(trainer.anchor.kl(model, ["q0", "q1"]).sum()) > 0.0   # the retriever moved, the anchor did not
+    state = trainer.state_dict()
+    # a restarted worker builds its trainer from the checkpointed (moved) model: the anchor must come from the state
+    resumed = RagTrainer(model, build_estimator("rag-sequence", k=3), rows, cfg, 0.5, 0.1)
+    assert not torch.equal(resumed.anchor.encoder.table, start)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.anchor.encoder.table, start)
+
+
+def test_anchor_weight_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="train.retriever_anchor_kl"):
+        load_config(None, ["train.retriever_anchor_kl=-1"])
