@@ -64,8 +64,24 @@ def test_retrieve_health_info_openapi(served):
     assert h["status"] == "ok" and h["index_version"] == "v1"
     info = requests.get(f"{served}/v1/info", timeout=10).json()
     assert info["index_count"] == 6 and info["batching"]["max_batch_size"] == 8
-    paths = requests.get(f"{served}/openapi.json", timeout=10).json()["paths"]
+    spec = requests.get(f"{served}/openapi.json", timeout=10).json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
     assert {"/v1/answer", "/v1/answer/stream", "/v1/retrieve", "/healthz", "/v1/info", "/v1/admin/reload"} <= set(paths)
+    # the request and response models are documented, with their limits
+    assert {"AnswerRequest", "AnswerResponse", "Passage", "RetrieveRequest", "RetrieveResponse", "ReloadResponse",
+            "HealthResponse"} <= set(schemas)
+    reload_body = paths["/v1/admin/reload"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"checkpoint", "index"} <= set(reload_body["properties"])        # inline: the token is checked first
+    answer = paths["/v1/answer"]["post"]
+    assert answer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/AnswerRequest")
+    assert answer["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/AnswerResponse")
+    assert "422" in answer["responses"]
+    req = schemas["AnswerRequest"]["properties"]
+    assert set(req["mode"]["enum"]) == {"rag-sequence", "rag-token"}
+    assert req["k"]["minimum"] == 1 and req["k"]["maximum"] >= 20
+    assert {"answer", "score", "passages", "model_version", "index_version"} <= set(schemas["AnswerResponse"]["properties"])
+    assert {"id", "title", "text", "probability"} <= set(schemas["Passage"]["properties"])
+    assert "text/event-stream" in paths["/v1/answer/stream"]["post"]["responses"]["200"]["content"]
 
 
 @pytest.mark.parametrize("body, needle", [
