@@ -36,6 +36,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+try:
+    import faiss  # noqa: F401
+except ImportError:   # the vs-HF part runs without FAISS (an exact numpy index), e.g. on a bare CUDA/CPU box
+    import types
+
+    import transformers.models.rag.modeling_rag  # noqa: F401  (checks for FAISS itself: import it before the stub)
+
+    class _NoFaiss(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("_"):
+                raise AttributeError(name)
+            return 0
+
+    sys.modules["faiss"] = _NoFaiss("faiss")
+
+
+class ExactIndex:
+    """In-memory exact inner-product index with the LoadedIndex interface both sides search (no FAISS)."""
+
+    def __init__(self, emb: np.ndarray, passages: list[dict]):
+        self.embeddings, self._p = emb.astype(np.float32), passages
+        self.ids = [p["id"] for p in passages]
+        self.manifest, self.path, self.version = {"type": "flat"}, "/memory", "v1"
+
+    def search(self, q: np.ndarray, k: int):
+        scores = q @ self.embeddings.T
+        rows = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, rows, 1), axis=1)
+        rows = np.take_along_axis(rows, order, 1)
+        return np.take_along_axis(scores, rows, 1), rows
+
+    def passage(self, row: int) -> dict:
+        return self._p[int(row)]
+
 
 # --------------------------------------------------------------------------------------------- 1. throughput
 def bench_throughput(workers: list[int], steps: int, batch: int, entities: int, total_cpus: int) -> dict:
@@ -84,13 +118,13 @@ def bench_throughput(workers: list[int], steps: int, batch: int, entities: int, 
 
 
 # --------------------------------------------------------------------------------------------- 2. vs HF RAG
-def tiny_models(d: int, layers: int, heads: int, ffn: int, tmp: Path):
+def tiny_models(d: int, layers: int, heads: int, ffn: int, tmp: Path, tokenizer: str | None = None):
     """A random BERT query encoder saved as a local model dir (for our TextEncoder) + matching DPR/BART configs."""
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, BertConfig, BertModel, DPRConfig
 
     from pipeline.models.retriever import resolve_encoder_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_encoder_path("minilm"))
+    tok = AutoTokenizer.from_pretrained(tokenizer or resolve_encoder_path("minilm"))
     bert = dict(vocab_size=tok.vocab_size, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                 intermediate_size=ffn, max_position_embeddings=512)
     torch.manual_seed(0)
@@ -106,11 +140,11 @@ def tiny_models(d: int, layers: int, heads: int, ffn: int, tmp: Path):
 
 
 def bench_vs_hf(batch: int, k: int, repeats: int, d: int, layers: int, heads: int, ffn: int, entities: int,
-                threads: int) -> dict:
+                threads: int, tokenizer: str | None = None) -> dict:
     from transformers import RagConfig, RagSequenceForGeneration
 
     from pipeline.estimators import build_estimator
-    from pipeline.index import load_index, passage_text, write_index_version
+    from pipeline.index import passage_text
     from pipeline.models.generator import HFSeq2SeqGenerator
     from pipeline.models.retriever import TextEncoder
     from pipeline.rag import RagModel
@@ -123,15 +157,12 @@ def bench_vs_hf(batch: int, k: int, repeats: int, d: int, layers: int, heads: in
     src_len, tgt_len = 128, 16
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok, enc_dir, dpr_cfg, bart_cfg, bart = tiny_models(d, layers, heads, ffn, tmp)
+        tok, enc_dir, dpr_cfg, bart_cfg, bart = tiny_models(d, layers, heads, ffn, tmp, tokenizer)
         encoder = TextEncoder(str(enc_dir), pooling="cls", normalize=False, max_length=64)
         texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
         with torch.no_grad():
             emb = encoder.encode(texts).numpy()
-        write_index_version(tmp / "index", emb, [x["id"] for x in kb.passages], "flat", encoder_name="tiny",
-                            encoder_fingerprint="tiny", corpus_fingerprint="bench",
-                            titles=[x["title"] for x in kb.passages], texts=[x["text"] for x in kb.passages])
-        index = load_index(tmp / "index")
+        index = ExactIndex(emb, kb.passages)
 
         # ours
         gen = HFSeq2SeqGenerator("tiny-bart", src_len, tgt_len, model=bart, tokenizer=tok)
@@ -196,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", choices=("throughput", "hf"), action="append", default=[])
+    p.add_argument("--tokenizer", default=None, help="BERT tokenizer dir for the vs-HF models (default: MiniLM's)")
     p.add_argument("--small", action="store_true", help="tiny sizes: checks that everything runs")
     p.add_argument("--out", default="/tmp/train_bench.json")
     args = p.parse_args(argv)
@@ -208,7 +240,8 @@ def main(argv=None) -> int:
     if "hf" not in args.skip:
         print("rag-sequence step vs Hugging Face RagSequenceForGeneration:", flush=True)
         results["vs_hf"] = bench_vs_hf(args.batch, args.k, args.repeats, args.d_model, args.layers,
-                                       heads=4, ffn=4 * args.d_model, entities=args.entities, threads=args.threads)
+                                       heads=4, ffn=4 * args.d_model, entities=args.entities, threads=args.threads,
+                                       tokenizer=args.tokenizer)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"-> {args.out}")
