@@ -24,3 +24,4 @@ def test_prepare_rechunks_and_splits_by_document(tmp_path):
     long = next(r for r in train if doc_of[r["id"]] == "d1")
     assert len(long["gold_passage_ids"]) > 1 and all(g.startswith("d1_000#") for g in long["gold_passage_ids"])
     assert (tmp_path / "out" / "passages" / "passages.json").exists()
+

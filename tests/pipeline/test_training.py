@@ -218,3 +218,18 @@ def test_a_passage_encoder_trains_with_the_retrievers_in_its_own_group():
     t.step()
     m = t.step()
     assert m["grad_norm/passage"] > 0 and not torch.equal(model.passage_encoder.weight, before)
+
+
+def test_state_saved_by_two_ranks_loads_into_one_worker_with_merged_caches_and_position():
+    _, t, _, _ = _train(3, batch_size=2)
+    state = t.state_dict()
+    state["ranks"] = [{"rng": state["rng"], "estimator": {"cache": {"1": 1, "2": 1}}},
+                      {"rng": state["rng"], "estimator": {"cache": {"3": 1}}}]
+    state["world_size"], state["data"]["position"] = 2, 12          # 3 steps x 2 ranks x batch 2
+    torch.manual_seed(0)
+    fresh = RagTrainer(_ToyModel(), _FeatureEstimator(), _ROWS,
+                       TrainConfig(batch_size=2, max_steps=6, warmup_steps=0, lr_decay="constant"), 0.05, 0.05)
+    fresh.load_state_dict(state)
+    assert fresh.step_num == 3 and fresh.estimator.cache == {"1": 1, "2": 1, "3": 1}
+    order = DataOrder(len(_ROWS), 2, world_size=2, seed=0)
+    assert fresh.order.indices(3) == [order._perm(0)[i] for i in (12, 13)]   # continues after the 12 consumed
