@@ -1,0 +1,59 @@
+"""The Generator deployment's batch path without Ray: a batch of requests is decoded with one encoder pass and one
+decoder step per token for all of them, and gives what decoding each request alone gives."""
+import pytest
+
+from serving.app import _decode_group, _retrieve_group
+from serving.loading import load_generator_part, load_retriever_part, resolve_model_ref
+
+QUESTIONS = ["Where was Varnel Ostrik born?", "Who employed Varnel Ostrik?", "What does Kela Dorn play?",
+             "Where did Kela Dorn grow up?", "What boat does Tamsin Vey sail?", "Where does Tamsin Vey keep bees?"]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoints):
+    ref = resolve_model_ref(str(tiny_checkpoints[0]))
+    return load_retriever_part(ref), load_generator_part(ref)
+
+
+def items(retriever, mode, k, num_beams):
+    found = _retrieve_group(retriever, [{"question": q, "k": k} for q in QUESTIONS])
+    return [{"question": q, "mode": mode, "k": k, "num_beams": num_beams, "max_new_tokens": 6, "retrieved": r}
+            for q, r in zip(QUESTIONS, found)]
+
+
+@pytest.mark.parametrize("mode, num_beams", [("rag-sequence", 1), ("rag-sequence", 3), ("rag-token", 2)])
+def test_a_batch_is_one_encoder_pass_and_equals_one_at_a_time(parts, monkeypatch, mode, num_beams):
+    retriever, gen = parts
+    batch = items(retriever, mode, 3, num_beams)
+    alone = [_decode_group(gen, [it], thorough=False)[0] for it in batch]
+    calls = {"start": 0, "step": 0, "rows": []}
+    start, step = gen.start_decoding, gen.decode_step
+
+    def counting_start(inputs):
+        calls["start"] += 1
+        calls["rows"].append(inputs["input_ids"].size(0))
+        return start(inputs)
+
+    def counting_step(state, prefix, **kw):
+        calls["step"] += 1
+        return step(state, prefix, **kw)
+
+    monkeypatch.setattr(gen, "start_decoding", counting_start)
+    monkeypatch.setattr(gen, "decode_step", counting_step)
+    together = _decode_group(gen, batch, thorough=False)
+    assert calls["start"] == 1 and calls["rows"] == [len(QUESTIONS) * 3]   # every (question, passage) pair at once
+    assert 1 <= calls["step"] <= 6                                          # one step per token for the batch
+    assert [o["answer"] for o in together] == [o["answer"] for o in alone]
+    assert [o["score"] for o in together] == pytest.approx([o["score"] for o in alone], abs=1e-4)
+    assert all(o["answer"] for o in together)
+
+
+def test_retrieval_scores_reach_the_decoder(parts):
+    """The passages' prior comes from the Retriever's scores (doc_scores=), not from a second retrieval."""
+    retriever, gen = parts
+    batch = items(retriever, "rag-sequence", 3, 1)
+    flat = [dict(it, retrieved={"passages": [dict(p, score=0.0) for p in it["retrieved"]["passages"]]})
+            for it in batch]
+    out, uniform = _decode_group(gen, batch, False), _decode_group(gen, flat, False)
+    assert [o["score"] for o in out] != pytest.approx([o["score"] for o in uniform], abs=1e-3)
+    assert all(len(o["posterior"]) == 3 and sum(o["posterior"]) == pytest.approx(1.0, abs=1e-4) for o in uniform)
