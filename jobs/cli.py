@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": ("jobs.eval", "evaluate a checkpoint on QA pairs"),
     "serve": ("jobs.serve", "serve a checkpoint over HTTP with Ray Serve (answer, stream, retrieve, reload)"),
     "tune": ("jobs.tune", "sweep retriever and generator learning rates with Ray Tune (ASHA)"),
+    "bench": ("jobs.bench", "run a benchmark from benchmarks/ (quality: the estimator comparison)"),
 }
 
 

@@ -1,0 +1,316 @@
+"""Estimator comparison in one command: EM, F1, recall@1/5/20 and gradient variance per estimator and strategy,
+every run from the same start with the same budget (steps, K), on the synthetic knowledge base and on real data.
+
+    .venv/bin/python benchmarks/quality.py                                   # synthetic KB, all estimators, seed 0
+    .venv/bin/python benchmarks/quality.py --estimators rag-sequence jsa --steps 600 --kb-seed 1 --templates alt
+    .venv/bin/python benchmarks/quality.py --datasets cmu --steps 300 --seeds 0 1
+    latentrag bench quality --datasets synthetic cmu --seeds 0 1 2           # the same, from a source checkout
+
+Writes OUT_DIR/quality.json, quality.md (the table), learning_curves_<dataset>.png, recall_<dataset>.png and
+logs them with every run's metrics to MLflow (OUT_DIR/mlflow.db unless MLFLOW_TRACKING_URI is set).
+
+Runs in one process without Ray: the training step is the same `pipeline.training.RagTrainer` the Ray job runs, so
+the figures are about learning, not Ray's fixed costs. Answers-only training for every estimator (gold passage ids
+are read only for recall) except the `independent` strategy, which by definition trains on them (marked in the
+table). BM25 (bm25s) and the frozen MiniLM retriever are the zero-training baselines.
+Gradient variance: tr Cov[g] / ||E g||^2 of the retriever and generator gradients over repeated estimates on one
+fixed batch at the start (benchmarks/estimator_bench.py measures the same at an equal generator budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from benchmarks.common import cached_index  # noqa: E402
+from benchmarks.estimator_bench import measure_estimator  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.estimators import build_estimator  # noqa: E402
+from pipeline.evaluation import evaluate  # noqa: E402
+from pipeline.metrics import normalize_answer, recall_at_k  # noqa: E402
+from pipeline.models.generator import build_generator  # noqa: E402
+from pipeline.models.retriever import TextEncoder  # noqa: E402
+from pipeline.rag import RagModel  # noqa: E402
+from pipeline.synthetic import generate_knowledge_base  # noqa: E402
+from pipeline.training import RagTrainer, seed_everything  # noqa: E402
+
+KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20")
+RUNS = {  # label -> (estimator, strategy)
+    "rag-sequence": ("rag-sequence", "joint"), "rag-token": ("rag-token", "joint"), "vrag": ("vrag", "joint"),
+    "jsa": ("jsa", "joint"), "dro": ("dro", "joint"), "pdist": ("pdist", "joint"), "emdr2": ("emdr2", "joint"),
+    "replug-lsr": ("replug-lsr", "joint"),
+    "two-phase": ("rag-sequence", "two-phase"), "independent": ("rag-sequence", "independent"),
+}
+DEFAULT_RUNS = ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "two-phase", "independent"]
+CONFIGS = {"synthetic": "configs/demo.yaml", "cmu": "configs/cmu_qa_wiki.yaml"}
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def synthetic_dataset(args):
+    kb = generate_knowledge_base(seed=args.kb_seed, template_set=args.templates)
+    return {"name": f"synthetic (kb seed {args.kb_seed}, {args.templates} templates)", "key": "synthetic",
+            "passages": kb.passages, "train": kb.train, "test": kb.test, "index_tag": f"{args.kb_seed}-{args.templates}"}
+
+
+def canonical_answer(answer: str) -> str:
+    """CMU QA writes yes/no answers many ways ("Yes.", "yes", "YES"): one target form for the generator."""
+    norm = normalize_answer(answer)
+    return norm if norm in ("yes", "no") else answer
+
+
+def cmu_dataset(args):
+    """../shared/data/cmu_qa_wiki through jobs.prepare_qa (re-chunked passages, held-out articles, document-level
+    gold ids), cached under /tmp."""
+    from jobs.prepare_qa import prepare
+    from pipeline.data import read_passages, read_qa
+
+    out = Path(f"/tmp/latentrag-quality-cmu-{args.cmu_chunk_words}")
+    if not (out / "prepare.json").exists():
+        prepare(str(Path(args.cmu_dir) / "passages.jsonl"), str(Path(args.cmu_dir) / "qa.jsonl"), out,
+                chunk_words=args.cmu_chunk_words, chunk_overlap=20)
+
+    def rows(name):
+        return [{**r, "answers": list(dict.fromkeys(canonical_answer(a) for a in r["answers"]))}
+                for r in read_qa(out / f"{name}.jsonl")]
+
+    return {"name": "cmu_qa_wiki (document-level recall)", "key": "cmu", "passages": read_passages(out / "passages").to_pylist(),
+            "train": rows("train"), "test": rows("test"), "index_tag": f"cmu-{args.cmu_chunk_words}"}
+
+
+# ------------------------------------------------------------------------------------------------- baselines
+def bm25_recall(passages, test) -> dict:
+    import bm25s
+
+    corpus = [f"{p.get('title', '')} {p['text']}" for p in passages]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+    k = min(20, len(corpus))
+    docs, _ = retriever.retrieve(bm25s.tokenize([r["question"] for r in test], stopwords="en", show_progress=False),
+                                 k=k, show_progress=False)
+    ids = [[str(passages[int(j)]["id"]) for j in row] for row in docs]
+    gold = [r.get("gold_passage_ids") for r in test]
+    return {f"recall@{kk}": recall_at_k(ids, gold, kk) for kk in (1, 5, 20)}
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+def build_model(cfg, index, train, seed: int):
+    seed_everything(seed)
+    answers = [a for r in train for a in r["answers"]]
+    return RagModel(TextEncoder(cfg.retriever.encoder, max_length=cfg.retriever.max_length),
+                    build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
+
+
+def run_one(label, cfg, index, data, seed, args) -> dict:
+    estimator, strategy = RUNS[label]
+    cfg.train.strategy, cfg.train.estimator, cfg.train.seed = strategy, estimator, seed
+    test = data["test"][:args.max_eval] if args.max_eval else data["test"]
+    model = build_model(cfg, index, data["train"], seed)
+    est = build_estimator(estimator, k=cfg.train.k, cfg=cfg.estimator)
+    decode_as = "rag-token" if estimator == "rag-token" else "rag-sequence"
+    start, _ = evaluate(model, test, k=cfg.eval.k, estimator=decode_as)
+    curve = [{"step": 0, **{k: start[k] for k in KEYS}}]
+    trainer = RagTrainer(model, est, data["train"], cfg.train, cfg.retriever.lr, cfg.generator.lr)
+    grads, t0 = [], time.time()
+    while trainer.step_num < cfg.train.max_steps:
+        m = trainer.step()
+        grads.append({"step": trainer.step_num, "retriever": m["grad_norm/retriever"],
+                      "generator": m["grad_norm/generator"], "loss": m["loss"]})
+        if trainer.step_num % args.eval_every == 0 or trainer.step_num == cfg.train.max_steps:
+            r, _ = evaluate(model, test, k=cfg.eval.k, estimator=decode_as)
+            curve.append({"step": trainer.step_num, **{k: r[k] for k in KEYS}})
+            print(f"  {label:>13} seed {seed} step {trainer.step_num:4d}  "
+                  + "  ".join(f"{k} {r[k]:.3f}" for k in KEYS if r[k] is not None)
+                  + f"  ({(time.time() - t0) / trainer.step_num:.2f} s/step)", flush=True)
+    return {"label": label, "estimator": estimator, "strategy": strategy, "seed": seed, "start": curve[0],
+            "end": curve[-1], "curve": curve, "grad_norms": grads,
+            "s_per_step": (time.time() - t0) / cfg.train.max_steps,
+            "uses_gold_passages": strategy == "independent"}
+
+
+def gradient_variance(label, cfg, index, data, args) -> dict | None:
+    estimator, strategy = RUNS[label]
+    if strategy != "joint":
+        return None                                   # a strategy, not a gradient estimator of the marginal
+    model = build_model(cfg, index, data["train"], 0)
+    est = build_estimator(estimator, k=cfg.train.k, cfg=cfg.estimator)
+    batch = data["train"][:args.variance_batch]
+    r = measure_estimator(model, est, batch, repeats=args.variance_repeats)
+    return {"retriever_relative_var": r["retriever_grad"]["relative_var"],
+            "generator_relative_var": r["generator_grad"]["relative_var"],
+            "gen_rows_per_example": r["diagnostics"]["gen_rows_per_example"]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key in KEYS:
+        start = [r["start"][key] for r in runs if r["start"][key] is not None]
+        end = [r["end"][key] for r in runs if r["end"][key] is not None]
+        if end:
+            out[key] = {"start": statistics.mean(start), "mean": statistics.mean(end),
+                        "std": statistics.stdev(end) if len(end) > 1 else 0.0}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def markdown(results: dict, args) -> str:
+    lines = [f"# Estimator comparison ({args.steps or 'config'} steps, seeds {args.seeds})", ""]
+    for ds in results["datasets"].values():
+        lines += [f"## {ds['name']}", "",
+                  f"train {ds['num_train']} questions, test {ds['num_test']}, {ds['num_passages']} passages; "
+                  f"{ds['steps']} steps, K = {ds['k']}, batch {ds['batch_size']}. Mean ± std over seeds "
+                  "(start -> end).", "",
+                  "| run | " + " | ".join(KEYS) + " | retr. rel. var | gen. rel. var | gen rows/ex | s/step |",
+                  "|" + "---|" * (len(KEYS) + 5)]
+        for label, s in ds["summary"].items():
+            cells = []
+            for key in KEYS:
+                v = s["metrics"].get(key)
+                cells.append("n/a" if v is None else f"{v['start']:.3f} -> {v['mean']:.3f} ± {v['std']:.3f}")
+            var = s.get("variance") or {}
+            fmt = lambda x: "—" if x is None else f"{x:.3g}"  # noqa: E731
+            name = label + (" (gold passages)" if s["uses_gold_passages"] else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(var.get('retriever_relative_var'))} | "
+                         f"{fmt(var.get('generator_relative_var'))} | {fmt(var.get('gen_rows_per_example'))} | "
+                         f"{s['s_per_step']:.2f} |")
+        for name, base in ds["baselines"].items():
+            cells = [("n/a" if base.get(k) is None else f"{base[k]:.3f}") for k in KEYS]
+            lines.append(f"| {name} (no training) | " + " | ".join(cells) + " | — | — | — | — |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(ds: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, runs in ds["runs"].items():
+        r = runs[0]
+        steps = [c["step"] for c in r["curve"]]
+        axes[0].plot(steps, [c["recall@1"] for c in r["curve"]], marker="o", label=label)
+        axes[1].plot(steps, [c["em"] for c in r["curve"]], marker="o", label=label)
+        axes[2].plot([g["step"] for g in r["grad_norms"]], [g["retriever"] for g in r["grad_norms"]], label=label,
+                     linewidth=0.8)
+    for ax, title in zip(axes, ("recall@1 (test)", "EM (test)", "retriever gradient norm (before clipping)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(ds["name"] + " — first seed")
+    fig.tight_layout()
+    files.append(out_dir / f"learning_curves_{ds['key']}.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels = list(ds["summary"])
+    x = range(len(labels))
+    before = [ds["summary"][lb]["metrics"]["recall@1"]["start"] for lb in labels]
+    after = [ds["summary"][lb]["metrics"]["recall@1"]["mean"] for lb in labels]
+    ax.bar([i - 0.2 for i in x], before, width=0.4, label="start")
+    ax.bar([i + 0.2 for i in x], after, width=0.4, label="after training")
+    if ds["baselines"].get("bm25", {}).get("recall@1") is not None:
+        ax.axhline(ds["baselines"]["bm25"]["recall@1"], color="gray", linestyle="--", label="BM25")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=20)
+    ax.set_ylabel("recall@1")
+    ax.legend()
+    fig.tight_layout()
+    files.append(out_dir / f"recall_{ds['key']}.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    return files
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="latentrag bench quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["synthetic"], choices=list(CONFIGS))
+    p.add_argument("--estimators", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS), metavar="RUN",
+                   help=f"estimators and strategies to compare (default: {' '.join(DEFAULT_RUNS)}); any of "
+                        f"{', '.join(RUNS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (same start per seed)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--max-eval", type=int, default=0, help="test questions per evaluation (0 = all)")
+    p.add_argument("--kb-seed", type=int, default=0, help="synthetic knowledge-base seed")
+    p.add_argument("--templates", default="default", help="synthetic templates: default | alt")
+    p.add_argument("--cmu-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/cmu_qa_wiki"))
+    p.add_argument("--cmu-chunk-words", type=int, default=100)
+    p.add_argument("--variance-batch", type=int, default=8)
+    p.add_argument("--variance-repeats", type=int, default=6)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out-dir", default="benchmarks/results/quality")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"args": vars(args), "datasets": {}}
+    for key in args.datasets:
+        data = synthetic_dataset(args) if key == "synthetic" else cmu_dataset(args)
+        cfg = load_config(CONFIGS[key], args.set)
+        if args.steps:
+            cfg.train.max_steps = args.steps
+        index = cached_index(data["index_tag"], data["passages"],
+                             TextEncoder(cfg.retriever.encoder, max_length=cfg.retriever.max_length))
+        test = data["test"][:args.max_eval] if args.max_eval else data["test"]
+        print(f"== {data['name']}: {len(data['train'])} train / {len(test)} test questions, "
+              f"{len(data['passages'])} passages", flush=True)
+        baselines = {"bm25": bm25_recall(data["passages"], test)}
+        ds = {"name": data["name"], "key": key, "num_train": len(data["train"]), "num_test": len(test),
+              "num_passages": len(data["passages"]), "steps": cfg.train.max_steps, "k": cfg.train.k,
+              "batch_size": cfg.train.batch_size, "baselines": baselines, "runs": {}, "summary": {}}
+        print(f"  bm25: " + "  ".join(f"{k} {v:.3f}" for k, v in baselines["bm25"].items()), flush=True)
+        for label in args.estimators:
+            if RUNS[label][1] == "independent" and not all(r.get("gold_passage_ids") for r in data["train"]):
+                print(f"  {label}: skipped on {key}: training questions lack gold_passage_ids", flush=True)
+                continue
+            runs = [run_one(label, load_config(CONFIGS[key], args.set + [f"train.max_steps={cfg.train.max_steps}"]),
+                            index, data, seed, args) for seed in args.seeds]
+            ds["runs"][label] = runs
+            ds["summary"][label] = {"metrics": summarise(runs), "uses_gold_passages": runs[0]["uses_gold_passages"],
+                                    "s_per_step": statistics.mean(r["s_per_step"] for r in runs),
+                                    "variance": gradient_variance(label, cfg, index, data, args)}
+        ds["baselines"]["minilm"] = next(iter(ds["runs"].values()))[0]["start"] if ds["runs"] else {}
+        results["datasets"][key] = ds
+        ds["plots"] = [str(f) for f in plots(ds, out_dir)] if ds["runs"] else []
+    table = markdown(results, args)
+    print("\n" + table)
+    (out_dir / "quality.md").write_text(table + "\n")
+    (out_dir / "quality.json").write_text(json.dumps(results, indent=2, default=float))
+    log_to_mlflow(results, out_dir)
+    print(f"\n-> {out_dir}/quality.md, quality.json and plots")
+    return 0
+
+
+def log_to_mlflow(results: dict, out_dir: Path) -> None:
+    from pipeline.tracking import Tracker, default_tracking_uri
+
+    tracker = Tracker.start(default_tracking_uri(out_dir.resolve()), "latentrag-quality", "quality",
+                            artifact_location=out_dir.resolve() / "mlartifacts")
+    tracker.log_params({k: str(v) for k, v in results["args"].items()})
+    for key, ds in results["datasets"].items():
+        for label, s in ds["summary"].items():
+            tracker.log_metrics({f"{key}/{label}/{m}": v["mean"] for m, v in s["metrics"].items()})
+    for name in ("quality.md", "quality.json", *[Path(f).name for ds in results["datasets"].values()
+                                                  for f in ds.get("plots", [])]):
+        tracker.log_artifact(out_dir / name)
+    tracker.end()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
