@@ -264,7 +264,16 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if not ray.is_initialized():
             ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                                                "TOKENIZERS_PARALLELISM": "false"}})
-        ds = ray.data.read_parquet(todo, include_paths=True,
+        total = ray.cluster_resources().get("CPU", 0)
+        need = num_actors * cpus_per_actor + (1 if read_cpus is None else read_cpus)
+        if need > total:
+            raise ValueError(f"{num_actors} encoder actor(s) x cpus_per_actor={cpus_per_actor} plus a read task need "
+                             f"{need:g} logical CPUs, the cluster has {total:g}: the job would wait forever. Lower "
+                             f"cpus_per_actor (an actor still runs threads_per_actor={threads_per_actor} threads) or "
+                             f"num_actors")
+        # at least one read task (and block) per input shard: output streams shard by shard, so a crash loses little
+        # and reads overlap encoding; Ray Data still splits big files into blocks of at most target_max_block_size
+        ds = ray.data.read_parquet(todo, include_paths=True, override_num_blocks=len(todo),
                                    **({"num_cpus": read_cpus} if read_cpus is not None else {}))
         ds = ds.select_columns(_passage_columns(todo[0]) + [_PATH_COL])
         ds = ds.map_batches(
@@ -274,7 +283,8 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                                    "device": "cuda" if gpus_per_actor else "cpu"},
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=num_actors,
+            # a fixed pool; two batches in flight per actor so the next one is fetched while this one encodes
+            compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor or None,
         )

@@ -143,6 +143,8 @@ def test_bad_embedding_shards_give_no_index_and_ivfpq_builds_shard_parallel(ray_
     _write_many_shards(passages, shards=3, per_shard=20)
     root = tmp_path / "index"
     scratch = scratch_dir(root, passages, "minilm")
+    with pytest.raises(ValueError, match="need 3 logical CPUs, the cluster has 2: the job would wait forever"):
+        encode_passages(passages, tmp_path / "never", cpus_per_actor=2)
     encode_passages(passages, scratch)                            # what a crashed build leaves; build_index resumes it
     shard = scratch / "emb-passages-00001.parquet"
     good = pq.read_table(shard)
