@@ -117,7 +117,8 @@ def run_one(label, cfg, index, data, seed, args) -> dict:
     model = build_model(cfg, index, data["train"], seed)
     est = build_estimator(estimator, k=cfg.train.k, cfg=cfg.estimator)
     decode_as = "rag-token" if estimator == "rag-token" else "rag-sequence"
-    start, _ = evaluate(model, test, k=cfg.eval.k, estimator=decode_as)
+    opts = {"k": cfg.eval.k, "estimator": decode_as, "decode": cfg.eval.decode, "num_beams": cfg.eval.num_beams}
+    start, _ = evaluate(model, test, **opts)
     curve = [{"step": 0, **{k: start[k] for k in KEYS}}]
     trainer = RagTrainer(model, est, data["train"], cfg.train, cfg.retriever.lr, cfg.generator.lr)
     grads, t0 = [], time.time()
@@ -126,7 +127,7 @@ def run_one(label, cfg, index, data, seed, args) -> dict:
         grads.append({"step": trainer.step_num, "retriever": m["grad_norm/retriever"],
                       "generator": m["grad_norm/generator"], "loss": m["loss"]})
         if trainer.step_num % args.eval_every == 0 or trainer.step_num == cfg.train.max_steps:
-            r, _ = evaluate(model, test, k=cfg.eval.k, estimator=decode_as)
+            r, _ = evaluate(model, test, **opts)
             curve.append({"step": trainer.step_num, **{k: r[k] for k in KEYS}})
             print(f"  {label:>13} seed {seed} step {trainer.step_num:4d}  "
                   + "  ".join(f"{k} {r[k]:.3f}" for k in KEYS if r[k] is not None)
