@@ -45,11 +45,16 @@ from pipeline.synthetic import generate_knowledge_base  # noqa: E402
 from pipeline.training import RagTrainer, seed_everything  # noqa: E402
 
 KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20")
-RUNS = {  # label -> (estimator, strategy)
-    "rag-sequence": ("rag-sequence", "joint"), "rag-token": ("rag-token", "joint"), "vrag": ("vrag", "joint"),
-    "jsa": ("jsa", "joint"), "dro": ("dro", "joint"), "pdist": ("pdist", "joint"), "emdr2": ("emdr2", "joint"),
-    "replug-lsr": ("replug-lsr", "joint"),
-    "two-phase": ("rag-sequence", "two-phase"), "independent": ("rag-sequence", "independent"),
+RUNS = {  # label -> (estimator, strategy, config overrides of that run)
+    "rag-sequence": ("rag-sequence", "joint", []), "rag-token": ("rag-token", "joint", []),
+    "vrag": ("vrag", "joint", []), "jsa": ("jsa", "joint", []), "dro": ("dro", "joint", []),
+    "pdist": ("pdist", "joint", []), "emdr2": ("emdr2", "joint", []), "replug-lsr": ("replug-lsr", "joint", []),
+    "two-phase": ("rag-sequence", "two-phase", []), "independent": ("rag-sequence", "independent", []),
+    # settings whose default is chosen by measurement
+    "vrag-union": ("vrag", "joint", ["estimator.vrag_candidates=union"]),
+    "rag-sequence-anchor": ("rag-sequence", "joint", ["train.retriever_anchor_kl=1.0"]),
+    "vrag-anchor": ("vrag", "joint", ["train.retriever_anchor_kl=1.0"]),
+    "rag-sequence-warmup": ("rag-sequence", "joint", ["train.generator_warmup_steps=100"]),
 }
 DEFAULT_RUNS = ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "two-phase", "independent"]
 CONFIGS = {"synthetic": "configs/demo.yaml", "cmu": "configs/cmu_qa_wiki.yaml"}
@@ -111,7 +116,7 @@ def build_model(cfg, index, train, seed: int):
 
 
 def run_one(label, cfg, index, data, seed, args) -> dict:
-    estimator, strategy = RUNS[label]
+    estimator, strategy, _ = RUNS[label]
     cfg.train.strategy, cfg.train.estimator, cfg.train.seed = strategy, estimator, seed
     test = data["test"][:args.max_eval] if args.max_eval else data["test"]
     model = build_model(cfg, index, data["train"], seed)
@@ -139,7 +144,7 @@ def run_one(label, cfg, index, data, seed, args) -> dict:
 
 
 def gradient_variance(label, cfg, index, data, args) -> dict | None:
-    estimator, strategy = RUNS[label]
+    estimator, strategy, _ = RUNS[label]
     if strategy != "joint":
         return None                                   # a strategy, not a gradient estimator of the marginal
     model = build_model(cfg, index, data["train"], 0)
@@ -280,12 +285,13 @@ def main(argv=None) -> int:
             if RUNS[label][1] == "independent" and not all(r.get("gold_passage_ids") for r in data["train"]):
                 print(f"  {label}: skipped on {key}: training questions lack gold_passage_ids", flush=True)
                 continue
-            runs = [run_one(label, load_config(CONFIGS[key], args.set + [f"train.max_steps={cfg.train.max_steps}"]),
-                            index, data, seed, args) for seed in args.seeds]
+            run_cfg = load_config(CONFIGS[key],
+                                  args.set + RUNS[label][2] + [f"train.max_steps={cfg.train.max_steps}"])
+            runs = [run_one(label, run_cfg, index, data, seed, args) for seed in args.seeds]
             ds["runs"][label] = runs
             ds["summary"][label] = {"metrics": summarise(runs), "uses_gold_passages": runs[0]["uses_gold_passages"],
                                     "s_per_step": statistics.mean(r["s_per_step"] for r in runs),
-                                    "variance": gradient_variance(label, cfg, index, data, args)}
+                                    "variance": gradient_variance(label, run_cfg, index, data, args)}
         ds["baselines"]["minilm"] = next(iter(ds["runs"].values()))[0]["start"] if ds["runs"] else {}
         results["datasets"][key] = ds
         ds["plots"] = [str(f) for f in plots(ds, out_dir)] if ds["runs"] else []
