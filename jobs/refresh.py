@@ -138,6 +138,21 @@ class RefreshHook:
             self.log_metrics({k.replace("/", "_"): float(v) for k, v in values.items()}, step)
 
 
+def _check_room(cfg) -> None:
+    """A refresh build that can never be scheduled would leave training on the first index forever, silently."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    train = cfg.train.num_workers * cfg.train.cpus_per_worker
+    need = cfg.index.refresh_cpus * (2 + cfg.index.encode_actors)    # the build task, its encoder actors, a read task
+    if total - train < need:
+        raise ValueError(
+            f"index.refresh_schedule: a refresh build needs {need:g} logical CPUs (index.refresh_cpus="
+            f"{cfg.index.refresh_cpus:g} for the build task, each of index.encode_actors={cfg.index.encode_actors} "
+            f"encoder actors and a read task) beside the {train:g} of the train workers, but the cluster has "
+            f"{total:g}; lower index.refresh_cpus (a reservation, not a thread count) or train.cpus_per_worker")
+
+
 def make_refresh_hook(cfg, index_dir: str | Path, output_dir: str | Path, rank: int, world: int,
                       log_metrics=None, log: Callable[[str], None] = print) -> RefreshHook | None:
     """The train loop's hook, or None when no refresh is configured. The passages directory is the one the
@@ -153,6 +168,7 @@ def make_refresh_hook(cfg, index_dir: str | Path, output_dir: str | Path, rank: 
                                 f"`latentrag index` / `latentrag train --corpus` to refresh it during training")
     refresher = None
     if rank == 0:
+        _check_room(cfg)
         builder = RayRefreshBuilder(passages_dir, str(version_dir.parent), cfg.index)
         refresher = IndexRefresher(schedule, builder, Path(output_dir) / "refresh")
     return RefreshHook(refresher, version_dir.parent, rank, world, log_metrics, log)

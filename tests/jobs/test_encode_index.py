@@ -223,12 +223,17 @@ def test_refresh_builds_in_background_and_switches_at_a_step_boundary(ray_local,
     root = tmp_path / "index"
     v1 = build_index(tmp_path / "passages", root)
     cfg = load_config(None, ["retriever.train_passage_encoder=true", "index.refresh_schedule=0-:2",
-                             "index.rerank_top_m=8", "index.refresh_cpus=0.5"])
+                             "index.rerank_top_m=8", "index.refresh_cpus=0.3", "train.cpus_per_worker=1"])
     model = attach_passage_encoder(RagModel(None, None, load_index(v1)), cfg)
     assert model.rerank_top_m == 8
     with torch.no_grad():                                   # "training" moved the passage encoder
         for p in model.passage_encoder.model.encoder.layer[0].parameters():
             p.mul_(0.9)
+    crowded = load_config(None, ["retriever.train_passage_encoder=true", "index.refresh_schedule=0-:2",
+                                 "train.cpus_per_worker=2"])
+    with pytest.raises(ValueError, match=r"a refresh build needs 3 logical CPUs .* beside the 2 of the train "
+                                         r"workers, but the cluster has 2"):
+        make_refresh_hook(crowded, v1, tmp_path / "run", rank=0, world=1)
     logged, lines = [], []
     hook = make_refresh_hook(cfg, v1, tmp_path / "run", rank=0, world=1,
                              log_metrics=lambda m, step: logged.append((step, m)), log=lines.append)
