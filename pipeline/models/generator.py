@@ -13,6 +13,7 @@ decoder-only models (`hf-seq2seq`, `hf-causal`) are the choice for real runs; al
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -259,11 +260,16 @@ class CopyBart(Generator):
         cache, cached = state.get("cache"), state.get("cache_prefix")
         extends = (use_cache and cache is not None and cached.size(0) == prefix.size(0)
                    and cached.size(1) == prefix.size(1) - 1 and torch.equal(cached, prefix[:, :-1]))
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass and read whichever this version has
+        cache_arg = self.__dict__.get("_cache_arg")
+        if cache_arg is None:
+            params = inspect.signature(self.bart.decoder.forward).parameters
+            cache_arg = self.__dict__["_cache_arg"] = "cache" if "cache" in params else "past_key_values"
         out = self.bart.decoder(input_ids=prefix[:, -1:] if extends else prefix, encoder_hidden_states=enc,
-                                encoder_attention_mask=state["attention_mask"], cache=cache if extends else None,
-                                use_cache=use_cache)
+                                encoder_attention_mask=state["attention_mask"], use_cache=use_cache,
+                                **{cache_arg: cache if extends else None})
         if use_cache:
-            state["cache"], state["cache_prefix"] = out.cache, prefix
+            state["cache"], state["cache_prefix"] = getattr(out, cache_arg), prefix
         dec = out.last_hidden_state[:, -1:]
         copy_parts = (state["copy_keys"], state["copy_before"], state["copyable"]) if "copy_keys" in state else None
         vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec, prefix[:, -1:], copy_parts)
