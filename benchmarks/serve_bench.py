@@ -221,6 +221,7 @@ def main(argv=None) -> int:
               f"p50 {hf['p50_ms']:.1f} ms  p99 {hf['p99_ms']:.1f} ms", flush=True)
 
     import ray
+    import requests
     from ray import serve
 
     from serving.app import build_app
@@ -248,12 +249,19 @@ def main(argv=None) -> int:
             serve.run(build_app(app_args, opts), name="bench", route_prefix="/")
             print(f"[bench] max_batch_size={mbs}: deployed in {time.time() - t:.1f}s", flush=True)
             run_level(url, questions, min(8, max(args.clients)), 2, body)                       # warm-up
+            info_url = f"http://127.0.0.1:{port}/v1/info"
             for c in args.clients:
+                before = requests.get(info_url, timeout=30).json()["batching"]["generator_replica"]
                 r = run_level(url, questions, c, args.requests_per_client, body)
+                after = requests.get(info_url, timeout=30).json()["batching"]["generator_replica"]
+                batches = after["batches"] - before["batches"]
+                r["generator_mean_batch_size"] = round((after["requests"] - before["requests"]) / batches, 2) \
+                    if batches else None
                 r["max_batch_size"] = mbs
                 rows.append(r)
                 print(f"[bench]   clients={c:>3}  {r['req_per_s']:>7.2f} req/s  p50 {r['p50_ms']:>8.1f} ms  "
-                      f"p99 {r['p99_ms']:>8.1f} ms  errors {r['errors']}", flush=True)
+                      f"p99 {r['p99_ms']:>8.1f} ms  errors {r['errors']}  "
+                      f"mean generator batch {r['generator_mean_batch_size']}", flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -264,10 +272,10 @@ def main(argv=None) -> int:
     speedups = {c: round(by[(batched, c)]["req_per_s"] / by[(single, c)]["req_per_s"], 2)
                 for c in args.clients if (batched, c) in by and (single, c) in by and by[(single, c)]["req_per_s"]}
     print()
-    print(f"{'max_batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'errors':>6}")
+    print(f"{'max_batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'errors':>6} {'gen batch':>9}")
     for r in rows:
         print(f"{r['max_batch_size']:>9} {r['clients']:>7} {r['req_per_s']:>8.2f} {r['p50_ms']:>9.1f} "
-              f"{r['p99_ms']:>9.1f} {r['errors']:>6}")
+              f"{r['p99_ms']:>9.1f} {r['errors']:>6} {r['generator_mean_batch_size'] or 0:>9.2f}")
     for c, s in speedups.items():
         print(f"throughput batched/one-at-a-time at {c} clients: {s}x")
     over_hf = {}

@@ -210,6 +210,12 @@ class Generator:
         self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         initial = ModelRef.from_dict(ref)
         self.models._models[initial.key] = load_generator_part(initial)
+        self.batches, self.batched_requests = 0, 0
+
+    def stats(self) -> dict:
+        """This replica's batching so far: how many batches, how many requests they held."""
+        return {"batches": self.batches, "requests": self.batched_requests,
+                "mean_batch_size": round(self.batched_requests / self.batches, 2) if self.batches else None}
 
     async def prepare(self, ref: dict) -> list[str]:
         await self.models.get(ModelRef.from_dict(ref))
@@ -217,6 +223,8 @@ class Generator:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def answer(self, items: list[dict]) -> list[dict]:
+        self.batches += 1
+        self.batched_requests += len(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             groups[(it["ref"]["key"], it["mode"], it["k"], it["num_beams"], it["max_new_tokens"])].append(i)
@@ -325,7 +333,8 @@ class Ingress:
                 "index_count": self.active.index_count, "modes": ["rag-sequence", "rag-token"],
                 "limits": {"max_k": min(self.args.max_k, self.active.index_count or self.args.max_k)},
                 "batching": {"max_batch_size": self.args.max_batch_size,
-                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+                             "generator_replica": await self.generator.stats.remote()},
                 "reloads": self.reloads}
 
     @api.post("/v1/retrieve", response_model=RetrieveResponse)

@@ -62,8 +62,11 @@ def test_retrieve_health_info_openapi(served):
     assert passages[0]["id"] == "a"
     h = requests.get(f"{served}/healthz", timeout=10).json()
     assert h["status"] == "ok" and h["index_version"] == "v1"
+    assert post(f"{served}/v1/answer", {"question": Q, "k": 2}).status_code == 200
     info = requests.get(f"{served}/v1/info", timeout=10).json()
     assert info["index_count"] == 6 and info["batching"]["max_batch_size"] == 8
+    gen_stats = info["batching"]["generator_replica"]       # the answers above went through @serve.batch
+    assert gen_stats["batches"] >= 1 and gen_stats["requests"] >= gen_stats["batches"]
     spec = requests.get(f"{served}/openapi.json", timeout=10).json()
     paths, schemas = spec["paths"], spec["components"]["schemas"]
     assert {"/v1/answer", "/v1/answer/stream", "/v1/retrieve", "/healthz", "/v1/info", "/v1/admin/reload"} <= set(paths)
