@@ -221,14 +221,19 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     batch_size: int = 512, num_actors: int = 1, threads_per_actor: int = 2,
                     dtype: str = "float32", encode_batch_size: int = 32, cpus_per_actor: float = 1,
                     gpus_per_actor: float = 0, overwrite: bool = False, resume: bool = True,
-                    on_shard_done: Callable[[Path], None] | None = None, read_cpus: float | None = None) -> dict:
+                    on_shard_done: Callable[[Path], None] | None = None, read_cpus: float | None = None,
+                    block_mb: float = 1.0) -> dict:
     """Encode every passage under `passages_dir` into ``emb-<shard>.parquet`` files (id, embedding) in `out_dir`.
 
     Runs on the Ray the caller started (or starts a local one). `batch_size` rows go to an actor per call, which
     sorts them by length and encodes them `encode_batch_size` at a time. `cpus_per_actor` is the logical CPU
     reservation of each actor (keep it below the cluster's CPUs so read tasks can still run), `threads_per_actor`
     the torch threads it really uses, `gpus_per_actor` > 0 puts the actors on GPUs, `read_cpus` is the reservation
-    of each read task (None: Ray Data's default). An `out_dir` left by an
+    of each read task (None: Ray Data's default), `block_mb` the largest block Ray Data makes (its
+    `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks and one output block,
+    so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes, and output streams to
+    disk block by block (with Ray's 128 MiB default, small shards are read into one block and nothing is written
+    until it is all encoded). An `out_dir` left by an
     interrupted encode with the same encoder, dtype and passages is resumed (`resume`): finished shards are kept and
     skipped. Returns stats: count, dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, ...
     """
@@ -253,7 +258,7 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     todo = [f for f in files if not (out_dir / shard_output_name(f)).is_file()]
     skipped = len(files) - len(todo)
     start = time.perf_counter()
-    first_output_s = None
+    first_output_s, output_blocks = None, 0
     for f in [f for f in todo if expected[Path(f).name] == 0]:   # empty input shard: an empty output shard
         pq.write_table(pa.table({"id": pa.array([], pa.string()),
                                  "embedding": pa.array([], pa.list_(pa.float32()))}),
@@ -271,25 +276,30 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                              f"{need:g} logical CPUs, the cluster has {total:g}: the job would wait forever. Lower "
                              f"cpus_per_actor (an actor still runs threads_per_actor={threads_per_actor} threads) or "
                              f"num_actors")
-        # at least one read task (and block) per input shard: output streams shard by shard, so a crash loses little
-        # and reads overlap encoding; Ray Data still splits big files into blocks of at most target_max_block_size
-        ds = ray.data.read_parquet(todo, include_paths=True, override_num_blocks=len(todo),
-                                   **({"num_cpus": read_cpus} if read_cpus is not None else {}))
-        ds = ds.select_columns(_passage_columns(todo[0]) + [_PATH_COL])
-        ds = ds.map_batches(
-            EncoderActor,
-            fn_constructor_kwargs={"encoder": encoder, "threads": threads_per_actor,
-                                   "encode_batch_size": encode_batch_size, "dtype": dtype,
-                                   "device": "cuda" if gpus_per_actor else "cpu"},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            # a fixed pool; two batches in flight per actor so the next one is fetched while this one encodes
-            compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor or None,
-        )
+        ctx = ray.data.DataContext.get_current()
+        saved_block_size = ctx.target_max_block_size
+        ctx.target_max_block_size = int(block_mb * 1024 * 1024)   # captured by the dataset created below
+        try:
+            ds = ray.data.read_parquet(todo, include_paths=True,
+                                       **({"num_cpus": read_cpus} if read_cpus is not None else {}))
+            ds = ds.select_columns(_passage_columns(todo[0]) + [_PATH_COL])
+            ds = ds.map_batches(
+                EncoderActor,
+                fn_constructor_kwargs={"encoder": encoder, "threads": threads_per_actor,
+                                       "encode_batch_size": encode_batch_size, "dtype": dtype,
+                                       "device": "cuda" if gpus_per_actor else "cpu"},
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                # a fixed pool; two batches in flight per actor so the next one is fetched while this one encodes
+                compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
+                num_cpus=cpus_per_actor,
+                num_gpus=gpus_per_actor or None,
+            )
+        finally:
+            ctx.target_max_block_size = saved_block_size
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                output_blocks += 1
                 if first_output_s is None:
                     first_output_s = time.perf_counter() - start
                 writer.add(batch)
@@ -317,9 +327,10 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
              "passages_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None,
              "first_output_seconds": None if first_output_s is None else round(first_output_s, 3),
              "encoded": encoded, "shards_encoded": len(todo), "shards_skipped": skipped,
+             "output_blocks": output_blocks,
              "encoder_peak_rss_mb": round(writer.peak_rss_kb / 1024, 1) if writer.peak_rss_kb else None,
              "num_actors": num_actors, "threads_per_actor": threads_per_actor, "batch_size": batch_size,
-             "encode_batch_size": encode_batch_size, "cpus_per_actor": cpus_per_actor,
+             "encode_batch_size": encode_batch_size, "cpus_per_actor": cpus_per_actor, "block_mb": block_mb,
              "gpus_per_actor": gpus_per_actor, **settings, "passages_dir": str(Path(passages_dir)),
              "out_dir": str(out_dir), "shards": shards}
     _atomic_write_json(stats, out_dir / SUMMARY_NAME)
@@ -440,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logical CPUs Ray reserves per actor; leave room for read tasks (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: CPU actors, the default)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the shards (default float32)")
+    p.add_argument("--block-mb", type=float, default=1.0,
+                   help="largest Ray Data block in MiB: bounds actor memory, sets how often output reaches disk")
     p.add_argument("--overwrite", action="store_true", help="replace an existing embeddings directory at --out")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse a non-empty --out instead of resuming an interrupted encode there")
@@ -470,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                                 num_actors=args.num_actors, threads_per_actor=args.threads_per_actor,
                                 dtype=args.dtype, encode_batch_size=args.encode_batch_size,
                                 cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                                overwrite=args.overwrite, resume=args.resume)
+                                overwrite=args.overwrite, resume=args.resume, block_mb=args.block_mb)
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -122,7 +122,8 @@ def test_encode_killed_mid_job_keeps_finished_shards_and_resumes(ray_local, tmp_
 
     again = encode_passages(passages, out)                        # nothing left to do
     assert (again["shards_skipped"], again["encoded"]) == (4, 0)
-    clean = encode_passages(passages, tmp_path / "clean", batch_size=16)
+    clean = encode_passages(passages, tmp_path / "clean", batch_size=16, block_mb=0.01)
+    assert clean["output_blocks"] >= 3          # output streams batch by batch, not as one block at the end
     ids, emb = load_embeddings(out)
     ids2, emb2 = load_embeddings(tmp_path / "clean")
     assert ids == ids2 and len(ids) == 48
