@@ -128,6 +128,12 @@ def hf_rag_sequence_baseline(checkpoint: str, index: str | None, questions: list
             "mean_output_tokens": round(sum(lengths) / len(lengths), 1)}
 
 
+def _mean_batch(before: dict, after: dict, replica: str) -> float | None:
+    """Mean batch size of one replica's @serve.batch between two /v1/info readings."""
+    batches = after[replica]["batches"] - before[replica]["batches"]
+    return round((after[replica]["requests"] - before[replica]["requests"]) / batches, 2) if batches else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -251,17 +257,17 @@ def main(argv=None) -> int:
             run_level(url, questions, min(8, max(args.clients)), 2, body)                       # warm-up
             info_url = f"http://127.0.0.1:{port}/v1/info"
             for c in args.clients:
-                before = requests.get(info_url, timeout=30).json()["batching"]["generator_replica"]
+                before_all = requests.get(info_url, timeout=30).json()["batching"]
                 r = run_level(url, questions, c, args.requests_per_client, body)
-                after = requests.get(info_url, timeout=30).json()["batching"]["generator_replica"]
-                batches = after["batches"] - before["batches"]
-                r["generator_mean_batch_size"] = round((after["requests"] - before["requests"]) / batches, 2) \
-                    if batches else None
+                after_all = requests.get(info_url, timeout=30).json()["batching"]
+                r["generator_mean_batch_size"] = _mean_batch(before_all, after_all, "generator_replica")
+                r["retriever_mean_batch_size"] = _mean_batch(before_all, after_all, "retriever_replica")
                 r["max_batch_size"] = mbs
                 rows.append(r)
                 print(f"[bench]   clients={c:>3}  {r['req_per_s']:>7.2f} req/s  p50 {r['p50_ms']:>8.1f} ms  "
                       f"p99 {r['p99_ms']:>8.1f} ms  errors {r['errors']}  "
-                      f"mean generator batch {r['generator_mean_batch_size']}", flush=True)
+                      f"mean batch: retriever {r['retriever_mean_batch_size']} generator "
+                      f"{r['generator_mean_batch_size']}", flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()

@@ -85,6 +85,11 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _batch_stats(replica) -> dict:
+    return {"batches": replica.batches, "requests": replica.batched_requests,
+            "mean_batch_size": round(replica.batched_requests / replica.batches, 2) if replica.batches else None}
+
+
 # --------------------------------------------------------------------------------------------- Retriever
 def _retrieve_group(model, items: list[dict]) -> list[dict]:
     """One query-encoder pass and one index search for a group of questions (same model version)."""
@@ -127,6 +132,11 @@ class Retriever:
         self.retrieve.set_batch_wait_timeout_s(self.args.retriever_batch_wait_timeout_s)
         self._initial = ModelRef.from_dict(ref)
         self.models._models[self._initial.key] = load_retriever_part(self._initial)
+        self.batches, self.batched_requests = 0, 0
+
+    def stats(self) -> dict:
+        """This replica's batching so far: how many batches, how many requests they held."""
+        return _batch_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         """Load a version ahead of a reload (the one being served keeps serving meanwhile)."""
@@ -135,6 +145,8 @@ class Retriever:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def retrieve(self, items: list[dict]) -> list[dict]:
+        self.batches += 1
+        self.batched_requests += len(items)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             groups[it["ref"]["key"]].append(i)
@@ -214,8 +226,7 @@ class Generator:
 
     def stats(self) -> dict:
         """This replica's batching so far: how many batches, how many requests they held."""
-        return {"batches": self.batches, "requests": self.batched_requests,
-                "mean_batch_size": round(self.batched_requests / self.batches, 2) if self.batches else None}
+        return _batch_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         await self.models.get(ModelRef.from_dict(ref))
@@ -334,7 +345,8 @@ class Ingress:
                 "limits": {"max_k": min(self.args.max_k, self.active.index_count or self.args.max_k)},
                 "batching": {"max_batch_size": self.args.max_batch_size,
                              "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
-                             "generator_replica": await self.generator.stats.remote()},
+                             "generator_replica": await self.generator.stats.remote(),
+                             "retriever_replica": await self.retriever.stats.remote()},
                 "reloads": self.reloads}
 
     @api.post("/v1/retrieve", response_model=RetrieveResponse)

@@ -67,6 +67,8 @@ def test_retrieve_health_info_openapi(served):
     assert info["index_count"] == 6 and info["batching"]["max_batch_size"] == 8
     gen_stats = info["batching"]["generator_replica"]       # the answers above went through @serve.batch
     assert gen_stats["batches"] >= 1 and gen_stats["requests"] >= gen_stats["batches"]
+    ret_stats = info["batching"]["retriever_replica"]
+    assert ret_stats["batches"] >= 1 and ret_stats["requests"] >= ret_stats["batches"]
     spec = requests.get(f"{served}/openapi.json", timeout=10).json()
     paths, schemas = spec["paths"], spec["components"]["schemas"]
     assert {"/v1/answer", "/v1/answer/stream", "/v1/retrieve", "/healthz", "/v1/info", "/v1/admin/reload"} <= set(paths)
