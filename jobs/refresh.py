@@ -84,9 +84,10 @@ class RefreshHook:
     """Called by every rank after every optimiser step: `hook(model, step)`. Rank 0 owns the `IndexRefresher`."""
 
     def __init__(self, refresher: IndexRefresher | None, index_root: Path, rank: int, world: int,
-                 log_metrics: Callable[[dict, int], None] | None = None, log: Callable[[str], None] = print):
+                 log_metrics: Callable[[dict, int], None] | None = None, log: Callable[[str], None] = print,
+                 open_index: Callable[[str], object] = load_index):
         self.refresher, self.index_root, self.rank, self.world = refresher, Path(index_root), rank, world
-        self.log_metrics, self.log = log_metrics, log
+        self.log_metrics, self.log, self.open_index = log_metrics, log, open_index
         self.switches = 0
 
     def __call__(self, model, step: int) -> str | None:
@@ -108,7 +109,10 @@ class RefreshHook:
         if target is None:
             return None
         t0 = time.perf_counter()
-        model.set_index(load_index(target))
+        old = model.index
+        model.set_index(self.open_index(target))
+        if hasattr(old, "shutdown"):              # index-shard actors of the old version
+            old.shutdown()
         switch_seconds = time.perf_counter() - t0
         self.switches += 1
         if self.rank == 0:
@@ -154,9 +158,11 @@ def _check_room(cfg) -> None:
 
 
 def make_refresh_hook(cfg, index_dir: str | Path, output_dir: str | Path, rank: int, world: int,
-                      log_metrics=None, log: Callable[[str], None] = print) -> RefreshHook | None:
+                      log_metrics=None, log: Callable[[str], None] = print,
+                      open_index: Callable[[str], object] = load_index) -> RefreshHook | None:
     """The train loop's hook, or None when no refresh is configured. The passages directory is the one the
-    current index was built from (its manifest records it); new versions go beside it."""
+    current index was built from (its manifest records it); new versions go beside it. `open_index(version_dir)`
+    opens a new version the way the workers open theirs (memory-mapped, or through index-shard actors)."""
     schedule = parse_refresh_schedule(cfg.index.refresh_schedule)
     if not schedule or not cfg.retriever.train_passage_encoder:
         return None
@@ -171,4 +177,4 @@ def make_refresh_hook(cfg, index_dir: str | Path, output_dir: str | Path, rank: 
         _check_room(cfg)
         builder = RayRefreshBuilder(passages_dir, str(version_dir.parent), cfg.index)
         refresher = IndexRefresher(schedule, builder, Path(output_dir) / "refresh")
-    return RefreshHook(refresher, version_dir.parent, rank, world, log_metrics, log)
+    return RefreshHook(refresher, version_dir.parent, rank, world, log_metrics, log, open_index)

@@ -193,7 +193,8 @@ def train_loop_per_worker(config: dict) -> None:
     from jobs.refresh import make_refresh_hook   # index refresh while the passage encoder trains (None: off)
 
     refresh = make_refresh_hook(cfg, config["index_dir"], cfg.output_dir, rank, world, log=_log,
-                                log_metrics=(lambda m, s: mlflow.log_metrics(m, step=s)) if mlflow else None)
+                                log_metrics=(lambda m, s: mlflow.log_metrics(m, step=s)) if mlflow else None,
+                                open_index=lambda d: open_train_index(d, cfg))
     total = cfg.train.max_steps
     every_ckpt = cfg.train.checkpoint_every or total
     use_dev = bool(cfg.train.eval_every and config.get("dev_rows"))
