@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1], help="Generator max_batch_size values")
-    p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--batch-wait-s", type=float, default=0.01, help="Generator batch_wait_timeout_s")
+    p.add_argument("--retriever-batch-wait-s", type=float, default=0.002, help="Retriever batch_wait_timeout_s")
     p.add_argument("--mode", default="rag-sequence", choices=["rag-sequence", "rag-token"])
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--num-beams", type=int, default=1)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         for mbs in args.batch_sizes:
             app_args = {"checkpoint": args.checkpoint, "index": args.index, "max_batch_size": mbs,
                         "batch_wait_timeout_s": args.batch_wait_s if mbs > 1 else 0.0,
-                        "retriever_max_batch_size": mbs, "retriever_batch_wait_timeout_s": 0.002 if mbs > 1 else 0.0,
+                        "retriever_max_batch_size": mbs, "retriever_batch_wait_timeout_s": args.retriever_batch_wait_s if mbs > 1 else 0.0,
                         "generator_threads": args.generator_threads, "max_k": max(args.k, 5),
                         "decode": args.decode}
             opts = {"Ingress": {**zero, "max_ongoing_requests": 512, "max_queued_requests": -1},
@@ -299,7 +300,9 @@ def main(argv=None) -> int:
            "setup": {"checkpoint": args.checkpoint, "model": model_note, "mode": args.mode, "k": args.k,
                      "num_beams": args.num_beams, "decode": args.decode,
                      "requests_per_client": args.requests_per_client,
-                     "batch_wait_timeout_s": args.batch_wait_s, "generator_threads": args.generator_threads},
+                     "batch_wait_timeout_s": args.batch_wait_s,
+                     "retriever_batch_wait_timeout_s": args.retriever_batch_wait_s,
+                     "generator_threads": args.generator_threads},
            "rows": rows, "speedup_at_clients": speedups, "errors": total_errors,
            "hf_rag_sequence_generate": hf, "speedup_over_hf_at_clients": over_hf,
            "target": "batched >= 4x one-at-a-time at 32 clients, zero errors",
