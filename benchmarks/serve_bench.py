@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         for mbs in args.batch_sizes:
             app_args = {"checkpoint": args.checkpoint, "index": args.index, "max_batch_size": mbs,
                         "batch_wait_timeout_s": args.batch_wait_s if mbs > 1 else 0.0,
-                        "retriever_max_batch_size": mbs, "retriever_batch_wait_timeout_s": args.retriever_batch_wait_s if mbs > 1 else 0.0,
+                        "retriever_max_batch_size": mbs,
+                        "retriever_batch_wait_timeout_s": args.retriever_batch_wait_s if mbs > 1 else 0.0,
                         "generator_threads": args.generator_threads, "max_k": max(args.k, 5),
                         "decode": args.decode}
             opts = {"Ingress": {**zero, "max_ongoing_requests": 512, "max_queued_requests": -1},
