@@ -135,3 +135,35 @@ def test_encoding_by_length_equals_one_padded_pass(gen):
     prefix = torch.full((len(qs), 1), gen.start_token_id)
     assert torch.allclose(gen.decode_step(state, prefix), reference_step(gen, {**state, "enc": whole}, prefix),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_rag_token_decode_equals_the_uncached_marginal_beam_search(gen, num_beams):
+    """rag_token_decode (cache, live beams, state rows reordered per beam x passage) against the plain algorithm:
+    every beam of every question stepped every step over all K passages, whole prefixes through the decoder."""
+    from types import SimpleNamespace
+
+    from pipeline.decoding import rag_token_decode
+    from pipeline.rag import Candidates
+
+    k, b = len(PASSAGES), len(QUESTIONS)
+    scores = torch.randn(b, k, generator=torch.Generator().manual_seed(7)) * 2
+    cand = Candidates(rows=torch.zeros(b, k, dtype=torch.long).numpy(), ids=[[str(i) for i in range(k)]] * b,
+                      texts=[PASSAGES] * b, query_vectors=None)
+    got = rag_token_decode(SimpleNamespace(generator=gen), QUESTIONS, k=k, num_beams=num_beams, max_len=8,
+                           candidates=cand, doc_scores=scores)
+
+    inputs = gen.encode_inputs(*pairs())
+    rows = (torch.arange(b).view(b, 1, 1) * k + torch.arange(k).view(1, 1, k)).expand(b, num_beams, k).reshape(-1)
+    state = gen.select_state(gen.start_decoding(inputs), rows)
+    prior = torch.log_softmax(scores, -1).repeat_interleave(num_beams, 0)
+
+    def step(prefix):
+        logp = reference_step(gen, state, prefix.repeat_interleave(k, 0)).view(prefix.size(0), k, -1)
+        return torch.logsumexp(logp + prior.unsqueeze(-1), dim=1)
+
+    expected = beam_search(step, b, gen.start_token_id, gen.eos_token_id, gen.tokenizer.pad_token_id, num_beams, 8)
+    assert [a.answer for a in got] == [gen.decode(src[0][0]) for src in expected]
+    assert all(a.answer for a in got) and len({a.answer for a in got}) > 1     # real, question-dependent output
+    assert [a.score for a in got] == pytest.approx([src[0][1] for src in expected], abs=1e-4)
