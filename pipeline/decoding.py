@@ -189,9 +189,16 @@ def rag_token_decode(model, questions: list[str], k: int = 5, num_beams: int = 1
         box["prior"] = box["prior"].index_select(0, parents)
 
     def step(prefix):
-        logp = gen.decode_step(box["state"], prefix.repeat_interleave(k, 0))            # [A*K, V]
-        logp = logp.view(prefix.size(0), k, -1)
-        return torch.logsumexp(logp + box["prior"].unsqueeze(-1), dim=1)
+        a = prefix.size(0)
+        logp = gen.decode_step(box["state"], prefix.repeat_interleave(k, 0)).view(a, k, -1)   # [A, K, V]
+        prior = box["prior"].unsqueeze(-1)
+        cols = gen.support_columns(box["state"], group=k)                                # [A, C] or None
+        if cols is None or cols.size(1) >= logp.size(-1):
+            return torch.logsumexp(logp + prior, dim=1)
+        # a token outside every passage's support has the floor value under each passage: one marginal per beam
+        marginal = torch.logsumexp(logp.gather(2, cols.unsqueeze(1).expand(-1, k, -1)) + prior, dim=1)
+        floor = torch.logsumexp(box["prior"] + gen.decode_floor, dim=1, keepdim=True)         # [A, 1]
+        return floor.expand(a, logp.size(-1)).contiguous().scatter_(1, cols, marginal)
 
     beams = beam_search(step, b, gen.start_token_id, gen.eos_token_id, gen.tokenizer.pad_token_id, num_beams,
                         max_len, device=device, reorder=reorder, on_step=on_step)

@@ -62,6 +62,13 @@ class Generator(nn.Module):
         """Keep (and repeat) the rows of a decoding state, for beam search."""
         return {k: v.index_select(0, rows) for k, v in state.items()}
 
+    decode_floor: float | None = None
+
+    def support_columns(self, state: dict, group: int = 1) -> torch.Tensor | None:
+        """[N / group, C] token ids outside which `decode_step` gives every row of each group of `group` consecutive
+        rows the same value `decode_floor` (ids may repeat); None: no such bound, every token can differ."""
+        return None
+
     @property
     def eos_token_id(self) -> int:
         raise NotImplementedError
@@ -254,6 +261,13 @@ class CopyBart(Generator):
             out["cache"].reorder_cache(rows)
             state["cache"], state["cache_prefix"] = None, None
         return out
+
+    decode_floor = _LOG_EPS
+
+    def support_columns(self, state, group=1):
+        src = state["input_ids"]
+        n = src.size(0) // group
+        return torch.cat([self.out_ids.unsqueeze(0).expand(n, -1), src.reshape(n, -1)], 1)
 
     def decode_step(self, state, prefix, use_cache: bool = True):
         enc = state["enc"]

@@ -167,3 +167,18 @@ def test_rag_token_decode_equals_the_uncached_marginal_beam_search(gen, num_beam
     assert [a.answer for a in got] == [gen.decode(src[0][0]) for src in expected]
     assert all(a.answer for a in got) and len({a.answer for a in got}) > 1     # real, question-dependent output
     assert [a.score for a in got] == pytest.approx([src[0][1] for src in expected], abs=1e-4)
+
+
+@torch.no_grad()
+def test_outside_the_support_columns_every_row_of_a_group_has_the_floor(gen):
+    inputs = gen.encode_inputs(*pairs())
+    state = gen.start_decoding(inputs)
+    logp = gen.decode_step(state, torch.full((inputs["input_ids"].size(0), 1), gen.start_token_id))
+    k = len(PASSAGES)
+    cols = gen.support_columns(state, group=k)
+    outside = torch.ones(len(QUESTIONS), logp.size(-1), dtype=torch.bool).scatter_(1, cols, False)
+    grouped = logp.view(len(QUESTIONS), k, -1)
+    assert bool(outside.any()) == (len(gen.out_ids) < logp.size(-1))     # a full-vocabulary head covers all
+    assert bool((grouped.masked_select(outside.unsqueeze(1).expand_as(grouped)) == gen.decode_floor).all())
+    inside = grouped.gather(2, cols.unsqueeze(1).expand(-1, k, -1))
+    assert bool((inside > gen.decode_floor).any())
