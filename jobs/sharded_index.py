@@ -16,8 +16,8 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.index import (MANIFEST_NAME, PASSAGES_NAME, IndexShard, _check_encoder, merge_topk, read_manifest,
-                            resolve_version_dir, shard_bounds)
+from pipeline.index import (MANIFEST_NAME, PASSAGES_NAME, IndexShard, _check_encoder, as_queries, merge_topk,
+                            read_manifest, resolve_version_dir, shard_bounds)
 
 
 class ShardedIndex:
@@ -53,13 +53,7 @@ class ShardedIndex:
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import ray
 
-        q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
-        if q.ndim == 1:
-            q = q[None]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have shape [B, {self.dim}] for index {self.path}, got {q.shape}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        q = as_queries(query_vectors, self.dim, self.path, k)
         q_ref = ray.put(q)
         parts = ray.get([s.search.remote(q_ref, int(k)) for s in self.shards])
         return merge_topk(parts, int(k), self.metric)

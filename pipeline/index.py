@@ -511,6 +511,18 @@ def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
+def as_queries(query_vectors, dim: int, where, k: int) -> np.ndarray:
+    """Query vectors as a contiguous float32 [B, dim] array; a clear error for a wrong shape or k < 1."""
+    q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
+    if q.ndim == 1:
+        q = q[None]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"query vectors must have shape [B, {dim}] for index {where}, got {q.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return q
+
+
 class LoadedIndex:
     """A version directory opened for search.
 
@@ -540,13 +552,7 @@ class LoadedIndex:
         return len(self.ids)
 
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
-        if q.ndim == 1:
-            q = q[None]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have shape [B, {self.dim}] for index {self.path}, got {q.shape}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        q = as_queries(query_vectors, self.dim, self.path, k)
         refine = int(self.manifest.get("params", {}).get("refine_factor", 1)) if self.manifest["type"] == "ivfpq" else 1
         if refine <= 1:
             return self.index.search(q, int(k))
