@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, use_serve_throughput_env
     from serving.loading import ServingLoadError
     from serving.schemas import ServeArgs
 
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("LATENTRAG_ADMIN_TOKEN"):
         env["LATENTRAG_ADMIN_TOKEN"] = os.environ["LATENTRAG_ADMIN_TOKEN"]
     if not ray.is_initialized():
+        env.update(use_serve_throughput_env())       # Serve's processes read these when Ray starts
         ray.init(runtime_env={"env_vars": env})
     serve.start(http_options={"host": host, "port": int(port)})
     name = args.name or cfg.get("name") or "latentrag"

@@ -4,6 +4,14 @@
     serve deploy configs/serve.yaml
     latentrag serve --checkpoint runs/demo/checkpoint [--config configs/serve.yaml]
 
+Request path. `POST /v1/answer` is one handle call from the ingress to the Generator; the Generator's @serve.batch
+method asks the Retriever for the passages of its whole batch in one call (`Retriever.retrieve_many`), then decodes
+the batch. Serve forms a batch from what arrives within batch_wait_timeout_s even while the model is busy; the
+Generator therefore retrieves, and decodes, everything that queued up meanwhile as one batch (`_Coalescer`), and a
+batch retrieves while the one before it decodes. The Retriever batches the single-question
+calls of `/v1/retrieve` and `/v1/answer/stream` with its own @serve.batch. Ray itself should start with
+SERVE_THROUGHPUT_ENV (below).
+
 Versions and reloads. The ingress holds the active `ModelRef` (a checkpoint version + an index version). Every
 request captures it once and passes it to the Retriever and the Generator, whose replicas keep the last
 `keep_versions` versions loaded and load a missing one on demand (off the event loop). `POST /v1/admin/reload`
@@ -36,6 +44,22 @@ from serving.schemas import (AnswerRequest, AnswerResponse, HealthResponse, Pass
                              RetrieveRequest, RetrieveResponse, ServeArgs)
 
 ADMIN_TOKEN_ENV = "LATENTRAG_ADMIN_TOKEN"
+
+# Ray Serve's request-path settings for throughput (Serve's processes read them when they start, so they belong in
+# the environment of whoever starts Ray: `latentrag serve` and benchmarks/serve_bench.py put them there, for
+# `serve deploy` give them to `ray start`). RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns on gRPC between deployments,
+# user code and the router on the replica's own event loop, buffered request logs, no per-request lines on stderr
+# and a GC freeze after start-up; it would also turn on direct ingress (no HTTP proxy, ingress replicas listening on
+# ports of their own), which is kept off: the proxy keeps the configured host, port and route prefixes.
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def use_serve_throughput_env() -> dict[str, str]:
+    """Put SERVE_THROUGHPUT_ENV into os.environ (values already set there win) before Ray starts; returns what is in
+    effect, for a runtime_env's env_vars."""
+    for key, value in SERVE_THROUGHPUT_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in SERVE_THROUGHPUT_ENV}
 DEPLOYMENT_NAMES = ("Ingress", "Retriever", "Generator")
 
 
@@ -77,6 +101,49 @@ class _VersionCache:
 
     def keys(self) -> list[str]:
         return list(self._models)
+
+
+class _Coalescer:
+    """Runs `fn(items) -> results` (same length) over everything submitted while its previous call ran, up to
+    `max_items` per call. Serve's @serve.batch forms a batch from what arrives within batch_wait_timeout_s, whether
+    or not the model is free, so under load the model would run many small batches one after another; behind a
+    coalescer, the batches that queued up while the model was busy run as one."""
+
+    def __init__(self, fn, max_items: int):
+        self.fn = fn
+        self.max_items = max(1, max_items)
+        self._pending: list[tuple[list, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, items: list) -> list:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((items, fut))
+        if not self._running:
+            self._running = True
+            asyncio.ensure_future(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                take, n = [], 0
+                while self._pending and (not take or n + len(self._pending[0][0]) <= self.max_items):
+                    take.append(self._pending.pop(0))
+                    n += len(take[-1][0])
+                try:
+                    out = await self.fn([x for items, _ in take for x in items])
+                except Exception as exc:  # noqa: BLE001 - handed to every caller of this call
+                    for _, fut in take:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                pos = 0
+                for items, fut in take:
+                    if not fut.done():
+                        fut.set_result(out[pos:pos + len(items)])
+                    pos += len(items)
+        finally:
+            self._running = False
 
 
 def _set_threads(n: int) -> None:
@@ -145,6 +212,12 @@ class Retriever:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def retrieve(self, items: list[dict]) -> list[dict]:
+        """One question per call (/v1/retrieve, /v1/answer/stream); Serve batches the calls."""
+        return await self.retrieve_many(items)
+
+    async def retrieve_many(self, items: list[dict]) -> list[dict]:
+        """A list of questions in one call: what a Generator batch sends (one handle call per batch, not one per
+        request)."""
         self.batches += 1
         self.batched_requests += len(items)
         groups: dict[str, list[int]] = defaultdict(list)
@@ -213,7 +286,8 @@ def _pieces(gen, answer: str):
 class Generator:
     """The generator, decoding batches of (question, retrieved passages) with @serve.batch."""
 
-    def __init__(self, ref: dict, args: dict):
+    def __init__(self, retriever: DeploymentHandle, ref: dict, args: dict):
+        self.retriever = retriever
         self.args = ServeArgs(**args)
         _set_threads(self.args.generator_threads)
         self.thorough = self.args.decode == "thorough"
@@ -223,23 +297,54 @@ class Generator:
         initial = ModelRef.from_dict(ref)
         self.models._models[initial.key] = load_generator_part(initial)
         self.batches, self.batched_requests = 0, 0
+        # retrieval and decoding each run over what queued up while they were busy (one of each at a time, so a
+        # batch retrieves while the one before it decodes)
+        self._retrieval = _Coalescer(self._retrieve_for, self.args.retriever_max_batch_size)
+        self._decoding = _Coalescer(self._decode, self.args.max_batch_size)
 
     def stats(self) -> dict:
-        """This replica's batching so far: how many batches, how many requests they held."""
+        """This replica's batching so far: how many decoder batches, how many requests they held."""
         return _batch_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         await self.models.get(ModelRef.from_dict(ref))
         return self.models.keys()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _retrieve_for(self, items: list[dict]) -> list[dict]:
+        """The passages of every item of a batch that has none yet: ONE call to the Retriever for the batch."""
+        need = [i for i, it in enumerate(items) if "retrieved" not in it]
+        if not need:
+            return items
+        try:
+            found = await self.retriever.retrieve_many.remote(
+                [{"ref": items[i]["ref"], "question": items[i]["question"], "k": items[i]["k"]} for i in need])
+        except Exception as exc:                       # the Retriever is overloaded or gone: every item says so
+            from ray.serve.exceptions import BackPressureError
+
+            found = [{"error": f"retrieval failed: {type(exc).__name__}: {exc}",
+                      "overloaded": isinstance(exc, BackPressureError)}] * len(need)
+        items = list(items)
+        for i, r in zip(need, found):
+            items[i] = dict(items[i], retrieved=r)
+        return items
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=16)
     async def answer(self, items: list[dict]) -> list[dict]:
+        """Items {ref, question, mode, k, num_beams, max_new_tokens[, retrieved]} -> {answer, score, posterior,
+        retrieved, batch_size} or {error}. Items without `retrieved` passages get them from the Retriever, one call
+        for the whole batch; batches that arrive while the decoder is busy are decoded together (_Coalescer)."""
+        return await self._decoding.submit(await self._retrieval.submit(items))
+
+    async def _decode(self, items: list[dict]) -> list[dict]:
         self.batches += 1
         self.batched_requests += len(items)
+        results: list[dict] = [{} for _ in items]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
+            if "error" in it["retrieved"]:
+                results[i] = dict(it["retrieved"])
+                continue
             groups[(it["ref"]["key"], it["mode"], it["k"], it["num_beams"], it["max_new_tokens"])].append(i)
-        results: list[dict] = [{} for _ in items]
         for idx in groups.values():
             try:
                 gen = await self.models.get(ModelRef.from_dict(items[idx[0]]["ref"]))
@@ -247,7 +352,7 @@ class Generator:
             except Exception as exc:
                 outs = [{"error": f"{type(exc).__name__}: {exc}"}] * len(idx)
             for i, out in zip(idx, outs):
-                results[i] = dict(out, batch_size=len(items))
+                results[i] = dict(out, retrieved=items[i]["retrieved"], batch_size=len(items))
         return results
 
     async def stream(self, item: dict) -> AsyncIterator[dict]:
@@ -309,6 +414,7 @@ class Ingress:
         self.generator = generator
         self.args = ServeArgs(**args)
         self.active = ModelRef.from_dict(ref)
+        self._ref_cache: tuple = (None, None)
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
 
@@ -321,16 +427,24 @@ class Ingress:
 
     async def _retrieve(self, ref: ModelRef, question: str, k: int) -> dict:
         try:
-            out = await self.retriever.retrieve.remote({"ref": ref.to_dict(), "question": question, "k": k})
+            out = await self.retriever.retrieve.remote({"ref": self._ref_dict(ref), "question": question, "k": k})
         except Exception as exc:
             raise _unavailable_or_raise(exc)
         if "error" in out:
             raise HTTPException(500, f"retrieval failed: {out['error']}")
         return out
 
-    def _item(self, ref: ModelRef, req: AnswerRequest, retrieved: dict) -> dict:
-        return {"ref": ref.to_dict(), "question": req.question, "mode": req.mode, "k": req.k,
-                "num_beams": req.num_beams, "max_new_tokens": req.max_new_tokens, "retrieved": retrieved}
+    def _item(self, ref: ModelRef, req: AnswerRequest, retrieved: dict | None = None) -> dict:
+        item = {"ref": self._ref_dict(ref), "question": req.question, "mode": req.mode, "k": req.k,
+                "num_beams": req.num_beams, "max_new_tokens": req.max_new_tokens}
+        if retrieved is not None:
+            item["retrieved"] = retrieved
+        return item
+
+    def _ref_dict(self, ref: ModelRef) -> dict:
+        if self._ref_cache[0] is not ref:          # the active reference changes only on reload
+            self._ref_cache = (ref, ref.to_dict())
+        return self._ref_cache[1]
 
     # ---- endpoints
     @api.get("/healthz", response_model=HealthResponse)
@@ -359,18 +473,22 @@ class Ingress:
 
     @api.post("/v1/answer", response_model=AnswerResponse)
     async def answer(self, req: AnswerRequest) -> AnswerResponse:
+        """One handle call per request: the Generator's batch asks the Retriever for the whole batch's passages."""
         self._limits(req.k)
         ref = self.active                       # this request stays on this version to the end
-        retrieved = await self._retrieve(ref, req.question, req.k)
         try:
-            out = await self.generator.answer.remote(self._item(ref, req, retrieved))
+            out = await self.generator.answer.remote(self._item(ref, req))
         except Exception as exc:
             raise _unavailable_or_raise(exc)
         if "error" in out:
-            raise HTTPException(500, f"generation failed: {out['error']}")
+            if out.get("overloaded"):
+                raise HTTPException(503, "overloaded: too many queued requests, retry later",
+                                    headers={"Retry-After": "1"})
+            raise HTTPException(500, out["error"] if out["error"].startswith("retrieval failed")
+                                else f"generation failed: {out['error']}")
         return AnswerResponse(answer=out["answer"], score=out["score"], mode=req.mode,
-                              passages=_passages(retrieved, out.get("posterior")) if req.return_passages else [],
-                              model_version=ref.model_version, index_version=ref.index_version)
+                              passages=_passages(out["retrieved"], out.get("posterior")) if req.return_passages
+                              else [], model_version=ref.model_version, index_version=ref.index_version)
 
     @api.post("/v1/answer/stream", response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}},
@@ -450,7 +568,7 @@ def build_app(args: ServeArgs | Dict[str, Any], deployments: dict[str, dict] | N
     if unknown:
         raise ValueError(f"unknown deployment(s) {unknown}; this application has {list(DEPLOYMENT_NAMES)}")
     retriever = Retriever.options(**opts.get("Retriever", {})).bind(ref.to_dict(), a.model_dump())
-    generator = Generator.options(**opts.get("Generator", {})).bind(ref.to_dict(), a.model_dump())
+    generator = Generator.options(**opts.get("Generator", {})).bind(retriever, ref.to_dict(), a.model_dump())
     return Ingress.options(**opts.get("Ingress", {})).bind(retriever, generator, ref.to_dict(), a.model_dump())
 
 

@@ -4,6 +4,10 @@ import socket
 
 import pytest
 
+from serving.app import use_serve_throughput_env
+
+use_serve_throughput_env()      # Serve's request path as `latentrag serve` runs it (read when Ray starts)
+
 PASSAGES = [
     {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
     {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},

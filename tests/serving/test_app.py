@@ -89,6 +89,26 @@ def test_retrieve_health_info_openapi(served):
     assert "text/event-stream" in paths["/v1/answer/stream"]["post"]["responses"]["200"]["content"]
 
 
+def test_answers_reach_the_retriever_through_generator_batches(served):
+    """/v1/answer is one handle call from the ingress; the Generator asks the Retriever for its batches' passages
+    (Retriever.retrieve_many), so both replicas see every request, in batches."""
+    def stats():
+        b = requests.get(f"{served}/v1/info", timeout=10).json()["batching"]
+        return b["generator_replica"], b["retriever_replica"]
+
+    gen0, ret0 = stats()
+    threads = [threading.Thread(target=post, args=(f"{served}/v1/answer", {"question": Q, "k": 2}))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    gen1, ret1 = stats()
+    assert gen1["requests"] - gen0["requests"] == 8
+    assert ret1["requests"] - ret0["requests"] == 8
+    assert 1 <= ret1["batches"] - ret0["batches"] <= 8 and 1 <= gen1["batches"] - gen0["batches"] <= 8
+
+
 @pytest.mark.parametrize("body, needle", [
     ({"question": ""}, "empty"),
     ({"question": "   "}, "empty"),

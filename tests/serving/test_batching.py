@@ -1,8 +1,10 @@
 """The Generator deployment's batch path without Ray: a batch of requests is decoded with one encoder pass and one
 decoder step per token for all of them, and gives what decoding each request alone gives."""
+import asyncio
+
 import pytest
 
-from serving.app import _decode_group, _retrieve_group
+from serving.app import _Coalescer, _decode_group, _retrieve_group
 from serving.loading import load_generator_part, load_retriever_part, resolve_model_ref
 
 QUESTIONS = ["Where was Varnel Ostrik born?", "Who employed Varnel Ostrik?", "What does Kela Dorn play?",
@@ -57,3 +59,39 @@ def test_retrieval_scores_reach_the_decoder(parts):
     out, uniform = _decode_group(gen, batch, False), _decode_group(gen, flat, False)
     assert [o["score"] for o in out] != pytest.approx([o["score"] for o in uniform], abs=1e-3)
     assert all(len(o["posterior"]) == 3 and sum(o["posterior"]) == pytest.approx(1.0, abs=1e-4) for o in uniform)
+
+
+def test_batches_that_queue_while_the_model_is_busy_run_as_one():
+    calls = []
+
+    async def main():
+        release = asyncio.Event()
+
+        async def fn(items):
+            calls.append(list(items))
+            if len(calls) == 1:
+                await release.wait()              # the "model" is busy with the first batch
+            return [x * 10 for x in items]
+
+        c = _Coalescer(fn, max_items=5)
+        first = asyncio.ensure_future(c.submit([1]))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(c.submit(b)) for b in ([2, 3], [4], [5, 6], [7])]
+        await asyncio.sleep(0)
+        release.set()
+        return await first, [await r for r in rest]
+
+    first, rest = asyncio.run(main())
+    assert calls == [[1], [2, 3, 4, 5, 6], [7]]           # merged up to max_items, in order
+    assert first == [10] and rest == [[20, 30], [40], [50, 60], [70]]
+
+
+def test_a_failed_merged_call_fails_each_of_its_callers():
+    async def main():
+        async def fn(items):
+            raise RuntimeError("boom")
+
+        c = _Coalescer(fn, max_items=4)
+        return await asyncio.gather(c.submit([1]), c.submit([2]), return_exceptions=True)
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
