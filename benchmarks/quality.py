@@ -145,8 +145,8 @@ def run_one(label, cfg, index, data, seed, args) -> dict:
 
 def gradient_variance(label, cfg, index, data, args) -> dict | None:
     estimator, strategy, _ = RUNS[label]
-    if strategy != "joint":
-        return None                                   # a strategy, not a gradient estimator of the marginal
+    if strategy != "joint" or args.variance_repeats == 0:
+        return None                                   # a strategy, not a gradient estimator of the marginal; or off
     model = build_model(cfg, index, data["train"], 0)
     est = build_estimator(estimator, k=cfg.train.k, cfg=cfg.estimator)
     batch = data["train"][:args.variance_batch]
@@ -257,11 +257,13 @@ def main(argv=None) -> int:
     p.add_argument("--cmu-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/cmu_qa_wiki"))
     p.add_argument("--cmu-chunk-words", type=int, default=100)
     p.add_argument("--variance-batch", type=int, default=8)
-    p.add_argument("--variance-repeats", type=int, default=6)
+    p.add_argument("--variance-repeats", type=int, default=6, help="gradient estimates per estimator (0 = skip; else >= 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default="benchmarks/results/quality")
     args = p.parse_args(argv)
+    if args.variance_repeats == 1 or args.variance_repeats < 0:
+        p.error("--variance-repeats: 0 (skip) or >= 2 (a variance needs two estimates)")
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

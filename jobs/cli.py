@@ -13,13 +13,14 @@ COMMANDS = {
     "eval": ("jobs.eval", "evaluate a checkpoint on QA pairs"),
     "serve": ("jobs.serve", "serve a checkpoint over HTTP with Ray Serve (answer, stream, retrieve, reload)"),
     "tune": ("jobs.tune", "sweep retriever and generator learning rates with Ray Tune (ASHA)"),
+    "pretrain-reader": ("jobs.pretrain_reader", "pre-train the shipped copy-bart `reader` generator weights"),
     "bench": ("jobs.bench", "run a benchmark from benchmarks/ (quality: the estimator comparison)"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: latentrag <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`latentrag <command> --help` explains every flag of a command."]
     return "\n".join(lines)
 

@@ -50,6 +50,8 @@ class RetrieverConfig:
 @dataclass
 class GeneratorConfig:
     kind: str = "copy-bart"            # copy-bart (embedded default) | hf-seq2seq | hf-causal
+    init: str = "random"               # copy-bart weights: random | reader (shipped, pre-trained to read on other
+                                       # synthetic KBs by jobs/pretrain_reader.py; needs its sizes) | a generator dir
     name_or_path: str | None = None    # hub name or local dir for hf-* kinds
     tokenizer: str = "minilm"          # tokenizer for copy-bart: the embedded MiniLM WordPiece vocab
     d_model: int = 128
@@ -57,7 +59,7 @@ class GeneratorConfig:
     decoder_layers: int = 2
     attention_heads: int = 4
     ffn_dim: int = 512
-    dropout: float = 0.1
+    dropout: float = 0.0               # measured: 0.1 learns slower within a demo's few hundred steps
     max_source_length: int = 128
     max_target_length: int = 16
     output_vocab_size: int = 4096      # copy-bart: vocabulary head over the most frequent answer tokens (0 = all)
@@ -177,6 +179,9 @@ class Config:
             raise ConfigError(f"generator.kind: unknown kind {self.generator.kind!r}")
         if self.generator.kind != "copy-bart" and not self.generator.name_or_path:
             raise ConfigError(f"generator.name_or_path: required for generator.kind={self.generator.kind}")
+        if self.generator.init != "random" and self.generator.kind != "copy-bart":
+            raise ConfigError(f"generator.init: {self.generator.init!r} is for generator.kind=copy-bart; "
+                              f"{self.generator.kind} loads generator.name_or_path (set generator.init=random)")
         if self.index.type not in ("flat", "hnsw", "ivfpq"):
             raise ConfigError(f"index.type: unknown index type {self.index.type!r}; choose flat, hnsw or ivfpq")
         self._validate_refresh()

@@ -91,6 +91,45 @@ TEMPLATES: dict[str, dict[str, dict[str, list[str]]]] = {
                       "Who did {name} regard as a rival?"],
         },
     },
+    # Only for pre-training the shipped reader (jobs/pretrain_reader.py): wording disjoint from "default" and
+    # "alt", so the demo's knowledge base and the held-out one are both unseen wording for it.
+    "reading": {
+        "passage": {
+            "birthplace": ["The birth of {name} took place in {ans}.", "{ans} was where {name} arrived as a baby.",
+                           "Records list {ans} as the place where {name} was delivered."],
+            "employer": ["{name} drew a salary from the {ans}.", "The {ans} counted {name} among its workers.",
+                         "For decades the {ans} relied on {name}."],
+            "mentor": ["{name} studied at the side of {ans}.", "{ans} coached the young {name}.",
+                       "The tutor of {name} was {ans}."],
+            "founded": ["{name} launched a workshop in the year {ans}.", "{ans} was the year {name} began a workshop.",
+                        "A workshop run by {name} started up in {ans}."],
+            "invention": ["{name} came up with the {ans}.", "The {ans} is the brainchild of {name}.",
+                          "People credit {name} with the {ans}."],
+            "instrument": ["{name} practised the {ans} daily.", "The {ans} was the instrument of {name}.",
+                           "Crowds heard {name} on the {ans}."],
+            "river": ["{name} swam in the river {ans} as a child.", "The river {ans} ran near the first home of {name}.",
+                      "Young {name} lived close to the {ans}."],
+            "rival": ["{name} quarrelled for years with {ans}.", "{ans} opposed {name} at every turn.",
+                      "The great competitor of {name} was {ans}."],
+        },
+        "question": {
+            "birthplace": ["Where was {name} delivered?", "What place saw the birth of {name}?",
+                           "Name the birth town of {name}."],
+            "employer": ["Who gave {name} a salary?", "Which outfit counted {name} among its workers?",
+                         "Name the organisation that relied on {name}."],
+            "mentor": ["Who coached {name}?", "Who tutored {name}?", "At whose side did {name} study?"],
+            "founded": ["In which year did {name} launch a workshop?", "When did the workshop of {name} start up?",
+                        "What year did {name} begin a workshop?"],
+            "invention": ["What did {name} come up with?", "What is the brainchild of {name}?",
+                          "Which device do people credit to {name}?"],
+            "instrument": ["What did {name} practise daily?", "On what instrument did crowds hear {name}?",
+                           "Name the instrument of {name}."],
+            "river": ["In which river did {name} swim as a child?", "What river ran near the first home of {name}?",
+                      "Which river did young {name} live close to?"],
+            "rival": ["With whom did {name} quarrel?", "Who opposed {name} at every turn?",
+                      "Name the great competitor of {name}."],
+        },
+    },
 }
 
 # syllables for fictional names

@@ -117,13 +117,7 @@ class CopyBart(Generator):
         self.bart = BartModel(config)
         # The vocabulary head covers `output_token_ids` only (the tokens of the training answers): projecting
         # onto all 30k WordPiece ids dominated step time on a CPU. Other tokens are produced by copying.
-        vocab = len(tok)
-        ids = sorted(set(output_token_ids) | {self._eos}) if output_token_ids else list(range(vocab))
-        self.hparams["output_token_ids"] = ids if output_token_ids else None
-        self.register_buffer("out_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
-        position = torch.full((vocab,), -1, dtype=torch.long)
-        position[self.out_ids] = torch.arange(len(ids))
-        self.register_buffer("out_position", position, persistent=False)
+        self.set_output_tokens(output_token_ids)
         self.copy_query = nn.Linear(d_model, d_model, bias=False)
         self.copy_key = nn.Linear(d_model, d_model, bias=False)
         # The key of source position i also sees the token before it (the cue words in front of an answer),
@@ -139,6 +133,41 @@ class CopyBart(Generator):
         nn.init.normal_(self.copy_query.weight, std=0.02)
         nn.init.normal_(self.copy_key.weight, std=0.02)
         nn.init.normal_(self.copy_prev_key.weight, std=0.02)
+
+    def set_output_tokens(self, output_token_ids: list[int] | None) -> None:
+        """Point the vocabulary head at these token ids (None: every token). The head is tied to the input
+        embeddings, so this changes which tokens can be generated without copying, not any weight."""
+        vocab = len(self.tokenizer)
+        ids = sorted(set(output_token_ids) | {self._eos}) if output_token_ids else list(range(vocab))
+        self.hparams["output_token_ids"] = ids if output_token_ids else None
+        device = self.bart.shared.weight.device
+        self.register_buffer("out_ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
+        position = torch.full((vocab,), -1, dtype=torch.long, device=device)
+        position[self.out_ids] = torch.arange(len(ids), device=device)
+        self.register_buffer("out_position", position, persistent=False)
+
+    def load_weights(self, file) -> None:
+        """Weights saved by `save` (any float dtype); refuses weights of another architecture, naming the tensors."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+        own = self.state_dict()
+        wrong = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+        if wrong:
+            raise ValueError(f"{file}: generator weights do not fit this architecture ({self._arch()}): "
+                             + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4]))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        tied = {"bart.encoder.embed_tokens.weight", "bart.decoder.embed_tokens.weight", "bart.shared.weight"}
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{file}: generator weights do not fit its config "
+                             f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+        self.bart.decoder.embed_tokens.weight = self.bart.shared.weight
+        self.bart.encoder.embed_tokens.weight = self.bart.shared.weight
+
+    def _arch(self) -> str:
+        h = self.hparams
+        return (f"d_model {h['d_model']}, encoder_layers {h['encoder_layers']}, decoder_layers {h['decoder_layers']}, "
+                f"attention_heads {h['attention_heads']}, ffn_dim {h['ffn_dim']}")
 
     @property
     def eos_token_id(self) -> int:
@@ -395,13 +424,35 @@ def build_generator(cfg, train_answers: list[str] | None = None) -> Generator:
         out_ids = None
         if train_answers and cfg.output_vocab_size:
             out_ids = answer_token_ids(_load_tokenizer(cfg.tokenizer), train_answers, cfg.output_vocab_size)
-        return CopyBart(output_token_ids=out_ids, tokenizer=cfg.tokenizer, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
-                        decoder_layers=cfg.decoder_layers, attention_heads=cfg.attention_heads,
-                        ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, max_source_length=cfg.max_source_length,
-                        max_target_length=cfg.max_target_length)
+        gen = CopyBart(output_token_ids=out_ids, tokenizer=cfg.tokenizer, d_model=cfg.d_model,
+                       encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
+                       attention_heads=cfg.attention_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                       max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
+        if cfg.init != "random":
+            weights = reader_weights(cfg.init)
+            try:
+                gen.load_weights(weights)
+            except ValueError as e:
+                raise ValueError(f"generator.init={cfg.init!r}: {e}. Set generator.init=random to train this "
+                                 f"architecture from scratch, or use the reader's sizes.") from None
+        return gen
     if cfg.kind == "hf-seq2seq":
         return HFSeq2SeqGenerator(cfg.name_or_path, cfg.max_source_length, cfg.max_target_length)
     raise ValueError(f"generator.kind {cfg.kind!r} is not supported yet")
+
+
+READER_DIR = Path(__file__).resolve().parents[1] / "assets" / "reader"
+
+
+def reader_weights(init: str) -> Path:
+    """`generator.init` -> a safetensors file: "reader" is the shipped pre-trained copy-bart (jobs/pretrain_reader.py
+    reproduces it); anything else is a directory holding model.safetensors (a generator saved by latentrag)."""
+    folder = READER_DIR if init == "reader" else Path(init)
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"generator.init={init!r}: no {file}"
+                                + (" (run `latentrag pretrain-reader` to rebuild it)" if init == "reader" else ""))
+    return file
 
 
 def load_generator(path) -> Generator:
@@ -412,17 +463,10 @@ def load_generator(path) -> Generator:
     meta = json.loads(meta_file.read_text())
     kind = meta.pop("kind")
     if kind == "copy-bart":
-        from safetensors.torch import load_file
-
-        meta["tokenizer"] = str(path / "tokenizer")
+        if (path / "tokenizer").is_dir():              # checkpoints carry their tokenizer; the shipped reader does not
+            meta["tokenizer"] = str(path / "tokenizer")
         gen = CopyBart(**meta)
-        missing, unexpected = gen.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-        tied = {"bart.encoder.embed_tokens.weight", "bart.decoder.embed_tokens.weight", "bart.shared.weight"}
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"{path}: generator weights do not fit its config "
-                             f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
-        gen.bart.decoder.embed_tokens.weight = gen.bart.shared.weight
-        gen.bart.encoder.embed_tokens.weight = gen.bart.shared.weight
+        gen.load_weights(path / "model.safetensors")
         return gen
     if kind == "hf-seq2seq":
         return HFSeq2SeqGenerator(str(path), meta["max_source_length"], meta["max_target_length"])
