@@ -27,7 +27,8 @@ from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFor
 
 
 def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, encoder: str | None = "minilm",
-                index_type: str = "flat", num_actors: int = 1, batch_size: int = 512, threads_per_actor: int = 2,
+                index_type: str = "flat", num_actors: int = 1, batch_size: int = 2048,
+                threads_per_actor: int = 2,
                 encode_batch_size: int = 32, cpus_per_actor: float = 1, verify: bool = False,
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index parameter, repeatable: hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, "
                         "nprobe, refine_factor, train_size")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
-    p.add_argument("--batch-size", type=int, default=512, help="passages per map_batches call (default 512)")
+    p.add_argument("--batch-size", type=int, default=2048, help="passages per map_batches call (default 2048)")
     p.add_argument("--encode-batch-size", type=int, default=32, help="passages per forward pass (default 32)")
     p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each encoder actor (default 2)")
     p.add_argument("--cpus-per-actor", type=float, default=1, help="logical CPUs Ray reserves per actor (default 1)")
