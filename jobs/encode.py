@@ -1,6 +1,8 @@
 """`latentrag encode`: encode a passage directory into embedding shards with Ray Data, resumably.
 
-Recipe: read_parquet(passage shards not yet encoded, include_paths) -> map_batches(EncoderActor: an actor pool of
+Recipe: the row groups of the passage shards not yet encoded, listed in the driver from the Parquet footers ->
+Ray Data read tasks (map_batches over those items, each reserving read_cpus; not read_parquet, whose listing task
+always takes a whole CPU) -> map_batches(EncoderActor: an actor pool of
 --num-actors, each loading the encoder once and running torch on --threads-per-actor threads, on CPU or GPU) ->
 the driver streams the encoded blocks (`iter_batches`) into one output file per input shard,
 ``emb-<input shard name>.parquet`` (id, embedding), written under a temporary name and renamed into place only when
@@ -44,6 +46,7 @@ _ACTOR_COL = "__encoder_actor"          # the actor's pid
 _BUSY_COL = "__encoder_busy_s"          # seconds the actor has spent in __call__ so far (cumulative)
 _INIT_COL = "__encoder_init_s"          # seconds its __init__ took (imports + model load)
 _STARTED_COL = "__encoder_started_at"   # time.time() when its __init__ began
+_READ_RETRIES = 3                       # a read task (one row group) is retried this often
 
 
 from pipeline.index import IndexFormatError
@@ -263,7 +266,8 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     forward pass pads: 2048 rows pad less than sentence-transformers' sort of the whole corpus by characters).
     `cpus_per_actor` is the logical CPU reservation of each actor (keep it below the cluster's CPUs so read tasks
     can still run), `threads_per_actor` the torch threads it really uses, `gpus_per_actor` > 0 puts the actors on
-    GPUs, `read_cpus` is the reservation of each read task (None: Ray Data's default), `block_mb` the largest block
+    GPUs, `read_cpus` is the reservation of each read task (None: Ray Data's default, 1; every task of the job
+    honours it, there is no listing task: the driver reads the Parquet footers), `block_mb` the largest block
     Ray Data makes (its `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks
     and one output block, so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes,
     and output streams to disk block by block (with Ray's 128 MiB default, small shards are read into one block and
@@ -316,9 +320,25 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
         saved_block_size = ctx.target_max_block_size
         ctx.target_max_block_size = int(block_mb * 1024 * 1024)   # captured by the dataset created below
         try:
-            ds = ray.data.read_parquet(todo, include_paths=True,
-                                       **({"num_cpus": read_cpus} if read_cpus is not None else {}))
-            ds = ds.select_columns(_passage_columns(todo[0]) + [_PATH_COL])
+            # not read_parquet: in Ray 2.60 it first runs a listing (ListFiles) or sampling task that always
+            # reserves 1 whole CPU whatever num_cpus says, so beside a train worker on a 2-CPU machine the encode
+            # never started (issue #4). The driver lists the row groups from the Parquet footers instead and hands
+            # Ray Data one small item per row group; read tasks reserve `read_cpus` and stream each row group
+            # `rows_per_read` rows at a time, so no process holds more than a block of the corpus.
+            pieces = _read_pieces(todo, block_mb)
+            ds = ray.data.from_items(pieces, override_num_blocks=len(pieces))
+            ds = ds.map_batches(
+                _read_row_groups,
+                fn_kwargs={"columns": _passage_columns(todo[0])},
+                batch_size=None,
+                batch_format="pyarrow",
+                # retry a read that fails (transient I/O); this remote arg, which the actors do not have, also
+                # keeps Ray Data from fusing the reads into the encoder actors (it fuses task -> actor maps whose
+                # remote args are equal, and would then bundle batch_size row groups into one actor call): the
+                # reads stay tasks of their own that feed every actor of the pool
+                max_retries=_READ_RETRIES,
+                **({"num_cpus": read_cpus} if read_cpus is not None else {}),
+            )
             ds = ds.map_batches(
                 EncoderActor,
                 fn_constructor_kwargs={"encoder": encoder, "threads": threads_per_actor,
@@ -382,6 +402,38 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
              "out_dir": str(out_dir), "shards": shards}
     _atomic_write_json(stats, out_dir / SUMMARY_NAME)
     return stats
+
+
+def _read_pieces(files: list[str], block_mb: float) -> list[dict]:
+    """One read item per non-empty row group of `files`: file, row_group, and rows_per_read, the rows that make
+    about `block_mb` MiB uncompressed (from the footer's sizes), so a read task streams a row group block by block."""
+    block_bytes = max(1.0, block_mb * 1024 * 1024)
+    pieces = []
+    for f in files:
+        meta = pq.read_metadata(f)
+        for rg in range(meta.num_row_groups):
+            info = meta.row_group(rg)
+            if info.num_rows == 0:
+                continue
+            per_row = max(1.0, info.total_byte_size / info.num_rows)
+            pieces.append({"file": str(f), "row_group": rg,
+                           "rows_per_read": max(1, min(info.num_rows, int(block_bytes / per_row)))})
+    return pieces
+
+
+def _read_row_groups(items: pa.Table, columns: list[str]) -> Iterator[pa.Table]:
+    """Ray Data read task: the row groups named in `items` (file, row_group, rows_per_read), `columns` as strings
+    (one schema whatever the shards stored, e.g. integer ids) plus the source file in a 'path' column, yielded
+    rows_per_read rows at a time."""
+    schema = pa.schema([(c, pa.string()) for c in columns])
+    for path, rg, rows in zip(*(items.column(c).to_pylist() for c in ("file", "row_group", "rows_per_read"))):
+        pf = pq.ParquetFile(path)
+        try:
+            for rb in pf.iter_batches(batch_size=int(rows), row_groups=[int(rg)], columns=columns):
+                t = pa.Table.from_batches([rb]).select(columns).cast(schema)
+                yield t.append_column(_PATH_COL, pa.array([path] * t.num_rows, pa.string()))
+        finally:
+            pf.close()
 
 
 def _passage_columns(first_file: str) -> list[str]:

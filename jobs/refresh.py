@@ -148,7 +148,10 @@ def _check_room(cfg) -> None:
 
     total = ray.cluster_resources().get("CPU", 0.0)
     train = cfg.train.num_workers * cfg.train.cpus_per_worker
-    need = cfg.index.refresh_cpus * (2 + cfg.index.encode_actors)    # the build task, its encoder actors, a read task
+    # the build task, its encoder actors, a read task: every task and actor of the refresh reserves refresh_cpus.
+    # (jobs.encode lists the Parquet row groups itself: ray.data.read_parquet's listing task would reserve a whole
+    # CPU whatever it is told, which beside one 1-CPU train worker on 2 CPUs never got scheduled, issue #4)
+    need = cfg.index.refresh_cpus * (2 + cfg.index.encode_actors)
     if total - train < need:
         raise ValueError(
             f"index.refresh_schedule: a refresh build needs {need:g} logical CPUs (index.refresh_cpus="
