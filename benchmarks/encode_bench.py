@@ -4,7 +4,7 @@
    a) single process: a tuned sentence-transformers loop (`SentenceTransformer.encode`, which sorts the whole
       corpus by length; torch threads = cores; max_seq_length 128 like the encoder actors; model load timed
       separately, the timed call warm);
-   b) the Ray Data job (`jobs.encode.encode_passages`: read_parquet -> map_batches(EncoderActor) -> shards):
+   b) the Ray Data job (`jobs.encode.encode_passages`: row-group reads -> map_batches(EncoderActor) -> shards):
       one actor with threads = cores on a Ray of `cores` CPUs (no dashboard), 2048-row batches, each sorted by
       token length inside the actor and encoded 64 at a time.
    ratio = passages/s of (b) over (a). (b) is timed end to end from the call to the last shard on disk, so it
