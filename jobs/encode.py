@@ -294,7 +294,8 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     settings = _settings(passages_dir, encoder, dtype)   # resolves the encoder: fails before any work
     _prepare_out_dir(out_dir, settings, overwrite, resume)
 
-    expected = {Path(f).name: pq.read_metadata(f).num_rows for f in files}
+    footers = {f: pq.read_metadata(f) for f in files}        # read once: row counts here, row groups for the reads
+    expected = {Path(f).name: footers[f].num_rows for f in files}
     todo = [f for f in files if not (out_dir / shard_output_name(f)).is_file()]
     skipped = len(files) - len(todo)
     start, start_wall = time.perf_counter(), time.time()
@@ -325,7 +326,7 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
             # never started (issue #4). The driver lists the row groups from the Parquet footers instead and hands
             # Ray Data one small item per row group; read tasks reserve `read_cpus` and stream each row group
             # `rows_per_read` rows at a time, so no process holds more than a block of the corpus.
-            pieces = _read_pieces(todo, block_mb)
+            pieces = _read_pieces({f: footers[f] for f in todo}, block_mb)
             ds = ray.data.from_items(pieces, override_num_blocks=len(pieces))
             ds = ds.map_batches(
                 _read_row_groups,
@@ -404,13 +405,13 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return stats
 
 
-def _read_pieces(files: list[str], block_mb: float) -> list[dict]:
-    """One read item per non-empty row group of `files`: file, row_group, and rows_per_read, the rows that make
-    about `block_mb` MiB uncompressed (from the footer's sizes), so a read task streams a row group block by block."""
+def _read_pieces(footers: dict[str, pq.FileMetaData], block_mb: float) -> list[dict]:
+    """One read item per non-empty row group of the files (file -> its Parquet footer): file, row_group, and
+    rows_per_read, the rows that make about `block_mb` MiB uncompressed (from the footer's sizes), so a read task
+    streams a row group block by block."""
     block_bytes = max(1.0, block_mb * 1024 * 1024)
     pieces = []
-    for f in files:
-        meta = pq.read_metadata(f)
+    for f, meta in footers.items():
         for rg in range(meta.num_row_groups):
             info = meta.row_group(rg)
             if info.num_rows == 0:

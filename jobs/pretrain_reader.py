@@ -58,17 +58,12 @@ def greedy_em(gen, rows: list[tuple[str, str, str]], batch_size: int = 64) -> fl
 
 def save_reader(gen, out: Path) -> None:
     """float16 weights (tied embeddings once) and the architecture; the tokenizer is the package's MiniLM one."""
+    import torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    seen, state = set(), {}
-    for k, v in gen.state_dict().items():
-        key = (v.data_ptr(), tuple(v.shape))
-        if key not in seen:
-            seen.add(key)
-            state[k] = (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
     tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp))
+    save_file(gen.unique_state(torch.float16), str(tmp))
     os.chmod(tmp, 0o644)                              # safetensors writes 0600; the package ships it readable
     os.replace(tmp, out / "model.safetensors")
     hparams = {**gen.hparams, "output_token_ids": None, "tokenizer": gen.tokenizer_name}

@@ -67,13 +67,14 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+def _overloaded() -> HTTPException:
+    return HTTPException(503, "overloaded: too many queued requests, retry later", headers={"Retry-After": "1"})
+
+
 def _unavailable_or_raise(exc: Exception) -> Exception:
     from ray.serve.exceptions import BackPressureError
 
-    if isinstance(exc, BackPressureError):
-        return HTTPException(503, "overloaded: too many queued requests, retry later",
-                             headers={"Retry-After": "1"})
-    return exc
+    return _overloaded() if isinstance(exc, BackPressureError) else exc
 
 
 # --------------------------------------------------------------------------------------------- model cache
@@ -481,9 +482,8 @@ class Ingress:
         except Exception as exc:
             raise _unavailable_or_raise(exc)
         if "error" in out:
-            if out.get("overloaded"):
-                raise HTTPException(503, "overloaded: too many queued requests, retry later",
-                                    headers={"Retry-After": "1"})
+            if out.get("overloaded"):                  # the Generator's call to the Retriever was refused
+                raise _overloaded()
             raise HTTPException(500, out["error"] if out["error"].startswith("retrieval failed")
                                 else f"generation failed: {out['error']}")
         return AnswerResponse(answer=out["answer"], score=out["score"], mode=req.mode,

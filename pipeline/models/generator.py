@@ -329,21 +329,26 @@ class CopyBart(Generator):
         mixed = self._mix(torch.cat([vocab_prob, src_vocab], 1), copy_prob, p_gen)
         return table.fill_(_LOG_EPS).scatter_(1, cols, mixed)
 
+    def unique_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict with tied weights (shared/embed_tokens) once, contiguous on CPU; floats cast to `dtype`
+        when given. `load_weights` re-ties them."""
+        seen, unique = set(), {}
+        for k, v in self.state_dict().items():
+            key = (v.data_ptr(), tuple(v.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            unique[k] = v.detach().cpu().contiguous()
+        return unique
+
     def save(self, out_dir):
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        # tied weights (shared/embed_tokens) are stored once
-        seen, unique = set(), {}
-        for k, v in state.items():
-            key = (v.data_ptr(), tuple(v.shape))
-            if key in seen:
-                continue
-            seen.add(key)
-            unique[k] = v
-        save_file(unique, str(out_dir / "model.safetensors"))
+        save_file(self.unique_state(), str(out_dir / "model.safetensors"))
         (out_dir / "generator.json").write_text(json.dumps({"kind": "copy-bart", **self.hparams}, indent=2))
         self.tokenizer.save_pretrained(out_dir / "tokenizer")
 
