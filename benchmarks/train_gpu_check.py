@@ -19,20 +19,12 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-try:
-    import faiss  # noqa: F401
-except ImportError:                              # pipeline.index imports faiss; this check never searches with it
-    class _NoFaiss(types.ModuleType):
-        def __getattr__(self, name):          # constants read at import time (METRIC_*, IO_FLAG_*)
-            if name.startswith("_"):
-                raise AttributeError(name)
-            return 0
+from benchmarks.gpu_host import stub_missing_faiss  # noqa: E402
 
-    sys.modules["faiss"] = _NoFaiss("faiss")
+stub_missing_faiss()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
