@@ -85,18 +85,28 @@ class EncoderActor:
                  dtype: str = "float32", device: str = "auto"):
         self.started_at = time.time()
         t0 = time.perf_counter()
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
+
+        threads = max(1, int(threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")     # torch has the threads
+        else:
+            # on a GPU the encoder waits for the tokenizer (one tokenizer thread was 68% of the actor's time on an
+            # H200), so the actor's threads tokenize: 2.1x passages/s with 8 (benchmarks/results/gpu/). Set before
+            # the tokenizer's thread pool first starts, which is the first batch
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
 
         from pipeline.models.retriever import TextEncoder, load_encoder, resolve_encoder_path
 
-        torch.set_num_threads(max(1, int(threads)))
         self.torch = torch
+        self.device = device
         path = resolve_encoder_path(encoder)
         # a directory saved by save_encoder carries its pooling/normalisation; anything else uses the defaults
         self.encoder = load_encoder(path) if (Path(path) / "latentrag_encoder.json").is_file() else TextEncoder(path)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder.to(device)
         self.encoder.eval()
         self.encode_batch_size = int(encode_batch_size)
@@ -104,11 +114,10 @@ class EncoderActor:
         self.busy_s = 0.0
         self.init_s = time.perf_counter() - t0
 
-    def token_lengths(self, texts: list[str]) -> list[int]:
-        """Tokens per text as the encoder will see them (truncated to its max_length)."""
+    def tokenize(self, texts: list[str]) -> dict[str, list[list[int]]]:
+        """Unpadded token ids (and masks) per text, truncated to the encoder's max_length."""
         enc = self.encoder
-        ids = enc.tokenizer(texts, truncation=True, max_length=enc.max_length, padding=False)["input_ids"]
-        return [len(i) for i in ids]
+        return dict(enc.tokenizer(texts, truncation=True, max_length=enc.max_length, padding=False))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import resource
@@ -120,13 +129,20 @@ class EncoderActor:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
         titles = batch.column("title").to_pylist() if "title" in batch.column_names else [""] * len(texts)
-        inputs = [passage_text(t, x or "") for t, x in zip(titles, texts)]
+        features = self.tokenize([passage_text(t, x or "") for t, x in zip(titles, texts)])
         # encode in token-length order so each sub-batch pads to a similar length, then restore the input order.
-        # Counting tokens costs one extra (unpadded) tokenizer pass, well under 1% of the encode; sorting by
-        # characters, as sentence-transformers does, leaves about twice as much padding (benchmarks/encode_bench.py)
-        order = np.argsort(self.token_lengths(inputs), kind="stable")
+        # Sorting by characters, as sentence-transformers does, leaves about twice as much padding
+        # (benchmarks/encode_bench.py). The texts are tokenized once: the sort and the model read the same ids,
+        # which matters on a GPU, where the tokenizer is a large share of the encode (benchmarks/encode_gpu_check.py)
+        order = np.argsort([len(x) for x in features["input_ids"]], kind="stable")
+        pad, step, parts = self.encoder.tokenizer.pad, self.encode_batch_size, []
         with self.torch.inference_mode():       # as sentence-transformers: no autograd bookkeeping at all
-            emb = self.encoder.encode([inputs[i] for i in order], batch_size=self.encode_batch_size).numpy()
+            for lo in range(0, len(order), step):
+                rows = order[lo:lo + step]
+                sub = pad({k: [v[i] for i in rows] for k, v in features.items()}, return_tensors="pt")
+                parts.append(self.encoder.embed(sub).float().cpu())
+        emb = (self.torch.cat(parts).numpy() if parts
+               else np.empty((0, self.encoder.dim), np.float32))
         out = np.empty_like(emb)
         out[order] = emb
         out = np.ascontiguousarray(out.astype(self.dtype, copy=False))
@@ -265,8 +281,8 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     sorts them by token count and encodes them `encode_batch_size` at a time (the larger the batch, the less each
     forward pass pads: 2048 rows pad less than sentence-transformers' sort of the whole corpus by characters).
     `cpus_per_actor` is the logical CPU reservation of each actor (keep it below the cluster's CPUs so read tasks
-    can still run), `threads_per_actor` the torch threads it really uses, `gpus_per_actor` > 0 puts the actors on
-    GPUs, `read_cpus` is the reservation of each read task (None: Ray Data's default, 1; every task of the job
+    can still run), `threads_per_actor` the threads it really uses (torch's on CPU; on a GPU the tokenizer's, which the
+    GPU would otherwise wait for), `gpus_per_actor` > 0 puts the actors on GPUs, `read_cpus` is the reservation of each read task (None: Ray Data's default, 1; every task of the job
     honours it, there is no listing task: the driver reads the Parquet footers), `block_mb` the largest block
     Ray Data makes (its `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks
     and one output block, so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes,
@@ -548,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode-batch-size", type=int, default=32,
                    help="passages per forward pass inside an actor, after sorting by length (default 32)")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
-    p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each actor (default 2)")
+    p.add_argument("--threads-per-actor", type=int, default=2,
+                   help="threads in each actor (default 2): torch's on CPU actors, the tokenizer's on GPU actors")
     p.add_argument("--cpus-per-actor", type=float, default=1,
                    help="logical CPUs Ray reserves per actor; leave room for read tasks (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: CPU actors, the default)")

@@ -81,8 +81,12 @@ class TextEncoder(nn.Module):
                               return_tensors="pt")
 
     def forward(self, texts: list[str]) -> torch.Tensor:
+        return self.embed(self.tokenize(texts))
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled (and normalised) vectors of an already tokenized, padded batch."""
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in self.tokenize(texts).items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         hidden = self.model(**batch).last_hidden_state
         if self.pooling == "cls":
             emb = hidden[:, 0]

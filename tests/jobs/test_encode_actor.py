@@ -18,7 +18,7 @@ def test_encoder_actor_sorts_by_tokens_and_returns_rows_in_input_order():
     paths = [f"/x/passages-{i % 2}.parquet" for i in range(11)]
     batch = pa.table({"id": ids, "title": titles, "text": texts, "path": paths})
     actor = EncoderActor("minilm", threads=1, encode_batch_size=4, device="cpu")
-    lengths = actor.token_lengths([passage_text(t, x) for t, x in zip(titles, texts)])
+    lengths = [len(i) for i in actor.tokenize([passage_text(t, x) for t, x in zip(titles, texts)])["input_ids"]]
     assert len(set(lengths)) > 5                                      # the sort has something to do
     out = actor(batch)
     assert out.column("id").to_pylist() == ids
