@@ -18,12 +18,16 @@
    re-scoring) at --index-vectors (default 100,000) unit vectors of dim 384, and the shard-parallel IVF-PQ build.
    The vectors are NOT 100k encoded passages (that encode alone would take ~22 min on 2 cores): by default the
    encode part's real MiniLM embeddings plus normalised convex mixes of random pairs of them (`index_vectors`
-   says exactly); --index-source synthetic uses clustered random unit vectors. The JSON and the table say which.
+   says exactly); --index-real INDEX_DIR takes the real vectors from an index instead (e.g. cmu_qa_wiki's);
+   --index-source synthetic uses clustered random unit vectors. The JSON and the table say which. Each built index
+   is also searched at other search-time settings (HNSW efSearch; IVF-PQ nprobe x exact re-scoring depth).
 3. Refresh: training steps (a MiniLM query-encoder forward/backward/AdamW step on 16 questions, a proxy for a
    retriever training step) while one index refresh runs (snapshot at step 1 + background Ray re-encode and build
    of --refresh-passages passages + the switch; at least --refresh-steps steps and until the switch), against the
    per-step time of --refresh-steps steps before and after (A-B-A). Reported: the slowdown while it runs, the wall
-   time one refresh adds, and how many steps apart refreshes must be for that to stay within 10%.
+   time one refresh adds, and how many steps apart refreshes must be for that to stay within 10%. The proxy's
+   steps run in this process (nice 0) and the refresh in Ray workers (nice 15, Ray's default), so the refresh gets
+   what training leaves: this part shows that priority case; the real train runs below put both in Ray workers.
    --train-steps S adds the real thing: two `jobs.demo` training runs of S steps with the passage encoder
    training, without and with one refresh (at S/3), compared by their train_seconds.
 
@@ -186,6 +190,30 @@ def index_vectors(n: int, queries: int, source: str, real: np.ndarray | None, se
     return x, q, what
 
 
+SWEEP = {"hnsw": [{"efSearch": ef} for ef in (32, 64, 128, 256)],
+         "ivfpq": [{"nprobe": n, "refine_factor": r} for n in (16, 32, 64, 128) for r in (1, 4, 16)]}
+
+
+def search_sweep(loaded, kind: str, q: np.ndarray, truth: np.ndarray) -> list[dict]:
+    """recall@10 and ms/query of one built index at other search-time settings (efSearch; nprobe and the exact
+    re-scoring depth), which `index.params` can set without a rebuild. Leaves the index as it was."""
+    from pipeline.index import _apply_search_params
+
+    saved = dict(loaded.manifest["params"])
+    rows_out = []
+    for params in SWEEP[kind]:
+        loaded.manifest["params"] = {**saved, **params}
+        _apply_search_params(loaded.index, kind, params)
+        t0 = time.perf_counter()
+        _, rows = loaded.search(q, 10)
+        s = time.perf_counter() - t0
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]))
+        rows_out.append({**params, "recall@10": round(recall, 4), "search_ms_per_query": round(1000 * s / len(q), 3)})
+    loaded.manifest["params"] = saved
+    _apply_search_params(loaded.index, kind, saved)
+    return rows_out
+
+
 def bench_index(x: np.ndarray, q: np.ndarray, what: str) -> dict:
     import ray
 
@@ -211,7 +239,7 @@ def bench_index(x: np.ndarray, q: np.ndarray, what: str) -> dict:
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]))
             out[kind] = {"build_seconds": round(build_s, 2), "recall@10": round(recall, 4),
                          "search_ms_per_query": round(1000 * search_s / queries, 3),
-                         "params": loaded.manifest["params"]}
+                         "params": dict(loaded.manifest["params"]), "sweep": search_sweep(loaded, kind, q, truth)}
         # shard-parallel ivfpq: train once, 4 Ray tasks add a quarter each, merge
         t0 = time.perf_counter()
         empty, _ = empty_index("ivfpq", n, x)
@@ -324,7 +352,9 @@ def bench_train_refresh(work: Path, steps: int, refresh_at: int, eval_questions:
             raise RuntimeError(f"jobs.demo ({name}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         metrics = json.loads((out / "metrics.json").read_text())
         log = proc.stdout + proc.stderr
-        switches = re.findall(r"\[refresh\] step (\d+): switched to index (\S+) \(built in ([\d.]+)s, (\d+) steps", log)
+        # dict.fromkeys: Ray forwards the worker's stdout line by line, and a line can reach the log twice
+        switches = dict.fromkeys(re.findall(
+            r"\[refresh\] step (\d+): switched to index (\S+) \(built in ([\d.]+)s, (\d+) steps", log))
         runs[name] = {"train_seconds": metrics["train_seconds"], "process_seconds": round(wall, 1),
                       "steps": metrics["steps"], "index_version": metrics["index_version"],
                       "recall@1": metrics.get("recall@1"), "loadavg_before": load, "loadavg_after": os.getloadavg(),
@@ -349,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-source", choices=("auto",) + INDEX_SOURCES, default="auto",
                    help="vectors for the index part: real-mix (the encode part's real embeddings + mixes of them; "
                         "the default when the encode part runs) or synthetic (clustered random unit vectors)")
+    p.add_argument("--index-real", default=None, metavar="INDEX_DIR",
+                   help="real-mix from the vectors of this index (a version dir or an index root with `current`) "
+                        "instead of the encode part's")
     p.add_argument("--refresh-passages", type=int, default=400)
     p.add_argument("--refresh-steps", type=int, default=30)
     p.add_argument("--refresh-threads", type=int, default=1,
@@ -415,9 +448,15 @@ def main(argv: list[str] | None = None) -> int:
             _save(results, out)
         if "index" not in args.skip:
             source = args.index_source
+            if args.index_real:
+                from pipeline.index import load_index
+
+                real = np.asarray(load_index(args.index_real).embeddings, dtype=np.float32)
             if source == "auto":
                 source = "real-mix" if real is not None else "synthetic"
             x, q, what = index_vectors(args.index_vectors, 1000, source, real)
+            if args.index_real:
+                what = what.replace("of the generated passages", f"from {args.index_real}")
             _say(f"index builds at {len(x)} vectors ({source})")
             results["index"] = {"source": source, **bench_index(x, q, what)}
             del x, q
@@ -491,6 +530,10 @@ def _table(r: dict) -> str:
         for kind in ("hnsw", "ivfpq"):
             lines.append(f"{kind:<22} {i[kind]['build_seconds']:>8}   {i[kind]['recall@10']:>9}   "
                          f"{i[kind]['search_ms_per_query']:>8}")
+        for kind in ("hnsw", "ivfpq"):
+            for row in i[kind].get("sweep", []):
+                knobs = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("recall@10", "search_ms_per_query"))
+                lines.append(f"  {kind} at {knobs:<28} {row['recall@10']:>9}   {row['search_ms_per_query']:>8}")
         lines.append(f"ivfpq shard-parallel ({i['ivfpq_shard_parallel']['tasks']} tasks) "
                      f"{i['ivfpq_shard_parallel']['build_seconds']} s")
     if "refresh" in r:

@@ -54,7 +54,10 @@ def build_model(cfg: Config, index, train_rows: list[dict] | None = None):
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    # not print(): in a Ray Train V2 worker print() is patched into a root-logger call that also tees to the
+    # redirected stdout, so every line reached the driver twice (RAY_TRAIN_ENABLE_PRINT_PATCH)
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------------- worker side
