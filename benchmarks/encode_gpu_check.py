@@ -5,8 +5,9 @@ sentence-transformers loop on the same GPU, in fp32 and fp16, on generated passa
 Runs on a bare CUDA machine with torch + transformers + sentence-transformers + pyarrow (no Ray, FAISS or MLflow
 there), so it measures the actor's work, not Ray Data's scheduling around it (benchmarks/encode_bench.py measures
 the whole job on CPU). Both sides: model loaded before the clock, one warm-up batch, the same encoder directory and
-max_seq_length 128, the tokenizer threads the actor sets for the process (--threads on a GPU); timed until the last vector is on the host. Reports passages/s,
-the ratio, the tokenizer's share of the actor's time, and the minimum cosine between the two sides' vectors.
+max_seq_length 128, the tokenizer threads the actor sets for the process (--threads on a GPU); timed until the
+last vector is on the host. Reports passages/s, the ratio, the tokenizer's share of the actor's time, and the
+minimum cosine between the two sides' vectors.
 
     python benchmarks/encode_gpu_check.py --encoder DIR [--passages 100000] [--threads 8] [--out FILE]
 

@@ -36,20 +36,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-try:
-    import faiss  # noqa: F401
-except ImportError:   # the vs-HF part runs without FAISS (an exact numpy index), e.g. on a bare CUDA/CPU box
-    import types
+from benchmarks.gpu_host import stub_missing_faiss  # noqa: E402
 
-    import transformers.models.rag.modeling_rag  # noqa: F401  (checks for FAISS itself: import it before the stub)
-
-    class _NoFaiss(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("_"):
-                raise AttributeError(name)
-            return 0
-
-    sys.modules["faiss"] = _NoFaiss("faiss")
+# the vs-HF part runs without FAISS (an exact numpy index), e.g. on a bare CUDA/CPU box; HF's RAG module checks for
+# FAISS itself, so it is imported before the stub
+stub_missing_faiss(import_first=("transformers.models.rag.modeling_rag",))
 
 
 class ExactIndex:

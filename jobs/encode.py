@@ -103,7 +103,6 @@ class EncoderActor:
         from pipeline.models.retriever import TextEncoder, load_encoder, resolve_encoder_path
 
         self.torch = torch
-        self.device = device
         path = resolve_encoder_path(encoder)
         # a directory saved by save_encoder carries its pooling/normalisation; anything else uses the defaults
         self.encoder = load_encoder(path) if (Path(path) / "latentrag_encoder.json").is_file() else TextEncoder(path)
@@ -281,13 +280,14 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     sorts them by token count and encodes them `encode_batch_size` at a time (the larger the batch, the less each
     forward pass pads: 2048 rows pad less than sentence-transformers' sort of the whole corpus by characters).
     `cpus_per_actor` is the logical CPU reservation of each actor (keep it below the cluster's CPUs so read tasks
-    can still run), `threads_per_actor` the threads it really uses (torch's on CPU; on a GPU the tokenizer's, which the
-    GPU would otherwise wait for), `gpus_per_actor` > 0 puts the actors on GPUs, `read_cpus` is the reservation of each read task (None: Ray Data's default, 1; every task of the job
-    honours it, there is no listing task: the driver reads the Parquet footers), `block_mb` the largest block
-    Ray Data makes (its `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks
-    and one output block, so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes,
-    and output streams to disk block by block (with Ray's 128 MiB default, small shards are read into one block and
-    nothing is written until it is all encoded). An `out_dir` left by an interrupted encode with the same encoder,
+    can still run), `threads_per_actor` the threads it really uses (torch's on CPU; on a GPU the tokenizer's, which
+    the GPU would otherwise wait for), `gpus_per_actor` > 0 puts the actors on GPUs, `read_cpus` is the reservation
+    of each read task (None: Ray Data's default, 1; every task of the job honours it, there is no listing task: the
+    driver reads the Parquet footers), `block_mb` the largest block Ray Data makes (its
+    `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks and one output
+    block, so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes, and output
+    streams to disk block by block (with Ray's 128 MiB default, small shards are read into one block and nothing is
+    written until it is all encoded). An `out_dir` left by an interrupted encode with the same encoder,
     dtype and passages is resumed (`resume`): finished shards are kept and skipped. Returns stats: count, dim,
     seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, and where the time went:
     actor_ready_after_seconds (actor start-up + model load), actor_busy_seconds (inside the encoder),
