@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from pipeline.index import load_index
 from pipeline.models.generator import load_generator
 from pipeline.models.retriever import load_encoder, save_encoder
 from pipeline.rag import RagModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or refused."""
 
 
 def save_checkpoint(out_dir: str | Path, model: RagModel, cfg: Config, step: int,
@@ -79,5 +84,14 @@ def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tu
 
 
 def load_trainer_state(path: str | Path) -> dict | None:
+    """The trainer state, read with `weights_only=True`: tensors, numbers, strings and containers only, so a
+    planted pickle cannot run code on `--resume` (torch refuses any other object with an UnpicklingError)."""
     f = Path(path) / "trainer_state.pt"
-    return torch.load(f, weights_only=False) if f.exists() else None
+    if not f.exists():
+        return None
+    try:
+        return torch.load(f, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{f}: refused, it holds objects other than tensors and plain values "
+                              f"(a trainer state never does; the file is damaged or not ours): "
+                              f"{str(exc).splitlines()[0]}") from None

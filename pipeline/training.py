@@ -299,7 +299,7 @@ class RagTrainer:
         return torch.autocast(device_type=self.autocast, dtype=torch.bfloat16)
 
     def _rank_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"rng": rng, "estimator": self.estimator.state_dict()}
@@ -355,11 +355,21 @@ def merge_states(states: list[dict]) -> dict:
     return out
 
 
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as plain values and a tensor: what `torch.load(weights_only=True)` can read back
+    (a numpy array would need unpickling)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
 def _set_rng(rng: dict | None) -> None:
     if not rng:
         return
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    st = rng["numpy"]
+    np.random.set_state((st["bit_generator"], st["key"].numpy().astype(np.uint32), st["pos"], st["has_gauss"],
+                         st["cached_gaussian"]))
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
