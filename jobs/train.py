@@ -316,7 +316,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
             t = time.time()
             index_dir = build_index(passages_dir, output_dir / "index", encoder=cfg.retriever.encoder,
                                     index_type=cfg.index.type, num_actors=cfg.index.encode_actors,
-                                    batch_size=cfg.index.encode_batch_size,
+                                    batch_size=cfg.index.encode_map_batch_size,
                                     threads_per_actor=cfg.index.threads_per_actor)
             tracker.log_metrics({"index_build_seconds": time.time() - t})
         index = load_index(index_dir)

@@ -219,7 +219,7 @@ def prepare_data(cfg: Config, out: Path, index: str | None, resume: bool) -> dic
         else:
             t = time.time()
             index = str(build_index(passages, root, encoder=cfg.retriever.encoder, index_type=cfg.index.type,
-                                    num_actors=cfg.index.encode_actors, batch_size=cfg.index.encode_batch_size,
+                                    num_actors=cfg.index.encode_actors, batch_size=cfg.index.encode_map_batch_size,
                                     threads_per_actor=cfg.index.threads_per_actor))
             _log(f"[index] built in {time.time() - t:.0f}s")
     loaded = load_index(index)

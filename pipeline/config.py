@@ -5,6 +5,11 @@ A saved config loads back to the same values (round trip), so `config.yaml` of a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +74,8 @@ class GeneratorConfig:
 @dataclass
 class IndexConfig:
     type: str = "flat"                 # flat | hnsw | ivfpq
-    encode_batch_size: int = 128
+    encode_map_batch_size: int = 128   # passages per Ray Data map_batches call to an encoder actor (the actor sorts
+                                       # them by length; its forward-pass batch is build_index's encode_batch_size)
     encode_actors: int = 1
     threads_per_actor: int = 2
     refresh_schedule: str = ""         # with retriever.train_passage_encoder: "START-END:EVERY,..." e.g.
@@ -245,75 +251,208 @@ def _validate_refresh_impl(cfg: "Config") -> None:
         raise ConfigError(f"index.refresh_cpus: must be > 0, got {cfg.index.refresh_cpus}")
 
 
-def _build(cls, values: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+# Keys that were renamed: (section, old key) -> new key. The old key is refused with a message naming the new one.
+RENAMED = {
+    ("index", "encode_batch_size"): ("encode_map_batch_size", "it is the number of passages per Ray Data "
+                                     "map_batches call, not the forward-pass batch"),
+}
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` (as YAML read it) as the declared type `hint` of config key `key`, or ConfigError naming the key.
+
+    The one coercion of config values: YAML files (`load_config`, `from_dict`) and `--set` both go through it.
+    PyYAML reads `1e-3` and `1e2` as strings (YAML 1.1 wants a dot): a float field takes any number or numeric
+    string; an int field takes an integer, or a float or numeric string with an integral value (`1e2` -> 100),
+    never 1.5; a bool field takes only true/false; a str field takes a string or a number (`run_name: 2024`).
+    `null` is accepted only where the field is optional (`str | None`)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) != 1:
+            raise TypeError(f"{key}: unsupported config type {hint!r}")
+        try:
+            return coerce_value(value, options[0], key)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {_type_name(hint)}, got {_show(value)}") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true or false), got {_show(value)}")
+    if hint is int:
+        number = _as_number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected int, got {_show(value)}")
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ConfigError(f"{key}: expected int, got {_show(value)} (not a whole number)")
+            number = int(number)
+        return number
+    if hint is float:
+        number = _as_number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected float (a number such as 1e-3), got {_show(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
+        return float(number)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected str, got {_show(value)}" + (" (quote it)" if isinstance(value, bool) else ""))
+    raise TypeError(f"{key}: unsupported config type {hint!r}")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _as_number(value: Any) -> int | float | None:
+    """An int or float from a number or a numeric string ("1e-3", "100", "1_000"); None when it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+    return None
+
+
+def _unknown_keys_message(where: str, unknown: list[str], known: list[str]) -> str:
+    parts, guessed = [], False
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        guessed = guessed or bool(close)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    message = f"{where}: unknown key(s) {', '.join(parts)}"
+    return message if guessed else f"{message}; known: {', '.join(known)}"
+
+
+def _build(cls, values: dict, section: str, source: str | None):
+    prefix = f"{source}: " if source else ""
+    where = section or "top level"
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in values:
+        if (section, name) in RENAMED:
+            new, why = RENAMED[(section, name)]
+            raise ConfigError(f"{prefix}{section}.{name}: renamed to {section}.{new} ({why}); "
+                              f"write {new}: {values[name]!r} instead")
+    unknown = [k for k in values if k not in names]
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        raise ConfigError(prefix + _unknown_keys_message(where, [str(k) for k in unknown], names))
+    hints = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
-        default = getattr(cls(), name) if name in names else None
-        if dataclasses.is_dataclass(default):
+        key = f"{section}.{name}" if section else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}{name}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+                raise ConfigError(f"{prefix}{key}: expected a mapping of {key}.* keys, got {_show(value)}")
+            kwargs[name] = _build(hint, value, key, source)
         else:
-            kwargs[name] = value
+            try:
+                kwargs[name] = coerce_value(value, hint, key)
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}{exc}") from None
     return cls(**kwargs)
 
 
-def from_dict(values: dict | None) -> Config:
-    return _build(Config, values or {}, "")
+def from_dict(values: dict | None, source: str | Path | None = None) -> Config:
+    """A Config from nested mappings (a YAML file's contents): unknown keys refused (with a suggestion), renamed
+    keys refused naming the new key, and every value coerced to its declared type (`coerce_value`). Errors are
+    `ConfigError`s that name the key and, when given, `source` (the file)."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{source or 'config'}: the top level must be a mapping")
+    return _build(Config, values or {}, "", str(source) if source is not None else None)
 
 
 def read_yaml_mapping(path: str | Path | None) -> dict:
-    """A YAML file whose top level is a mapping ({} for None); errors name the file."""
+    """A YAML file whose top level is a mapping ({} for None); errors name the file (and the line)."""
     if path is None:
         return {}
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (expected a YAML config file)")
+    raw = path.read_bytes()
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
+    try:
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context and getattr(exc, "problem", None) else problem
+        raise ConfigError(f"{path}{where}: not valid YAML: {detail}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, train:, ...), "
+                          f"got {type(values).__name__}")
     return values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (optional) + `key=value` overrides, validated."""
-    cfg = from_dict(read_yaml_mapping(path))
+    cfg = from_dict(read_yaml_mapping(path), source=path)
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     return cfg.validate()
 
 
 def apply_override(cfg: Config, item: str) -> Config:
+    """`section.key=value` (`--set`): the value is read as YAML and coerced like a file's (`coerce_value`)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=100")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
     target: Any = cfg
     for part in parts[:-1]:
         if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
             raise ConfigError(f"--set {key}: unknown section {part!r}")
         target = getattr(target, part)
     leaf = parts[-1]
+    section = ".".join(parts[:-1])
+    if (section, leaf) in RENAMED:
+        new, why = RENAMED[(section, leaf)]
+        raise ConfigError(f"--set {key}: renamed to {section}.{new} ({why})")
     if not hasattr(target, leaf) or dataclasses.is_dataclass(getattr(target, leaf)):
-        raise ConfigError(f"--set {key}: unknown key {leaf!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    current = getattr(target, leaf)
-    if isinstance(current, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if current is not None and value is not None and not isinstance(value, type(current)):
-        raise ConfigError(f"--set {key}: expected {type(current).__name__}, got {raw!r}")
+        names = [f.name for f in dataclasses.fields(target)]
+        close = difflib.get_close_matches(leaf, names, n=1)
+        raise ConfigError(f"--set {key}: unknown key {leaf!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw                     # not YAML (e.g. "[1"): the text itself, which only a str key takes
+    try:
+        value = coerce_value(value, _field_types(type(target))[leaf], key)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {exc}") from None
     setattr(target, leaf, value)
     return cfg
 

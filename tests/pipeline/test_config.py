@@ -34,7 +34,20 @@ def test_bad_overrides_name_the_key(override, message):
 
 def test_unknown_yaml_key_names_where(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  max_stepz: 3\n")
-    with pytest.raises(ConfigError, match="train.: unknown key\\(s\\) max_stepz"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train: unknown key\(s\) max_stepz \(did you mean max_steps\?\)"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_unknown_top_level_key_says_top_level_and_suggests(tmp_path):
+    (tmp_path / "bad.yaml").write_text("trian:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "bad.yaml")
+    assert str(info.value) == f"{tmp_path / 'bad.yaml'}: top level: unknown key(s) trian (did you mean train?)"
+
+
+def test_unknown_key_without_a_close_match_lists_the_known_ones(tmp_path):
+    (tmp_path / "bad.yaml").write_text("eval:\n  zzzz: 3\n")
+    with pytest.raises(ConfigError, match=r"eval: unknown key\(s\) zzzz; known: k, decode, num_beams"):
         load_config(tmp_path / "bad.yaml")
 
 
@@ -46,3 +59,142 @@ def test_missing_config_file(tmp_path):
 def test_flat_has_every_leaf():
     flat = Config().flat()
     assert flat["train.estimator"] == "rag-sequence" and "retriever.lr" in flat and "generator.lr" in flat
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML values are coerced to the declared types when loaded (issue 15 item 4, issue 18 item 9)
+
+
+def _yaml(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_floats_that_pyyaml_reads_as_strings_become_floats(tmp_path):
+    import yaml
+
+    text = "retriever:\n  lr: 1e-3\n  tau: 5e-2\ngenerator:\n  lr: 3\ntrain:\n  max_steps: 1e2\n"
+    assert yaml.safe_load(text)["retriever"]["lr"] == "1e-3"          # what PyYAML hands us
+    cfg = load_config(_yaml(tmp_path, text))
+    assert cfg.retriever.lr == 1e-3 and type(cfg.retriever.lr) is float
+    assert cfg.retriever.tau == 0.05 and type(cfg.retriever.tau) is float
+    assert cfg.generator.lr == 3.0 and type(cfg.generator.lr) is float
+    assert cfg.train.max_steps == 100 and type(cfg.train.max_steps) is int
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  max_steps: abc\n", "train.max_steps: expected int, got 'abc'"),
+    ("train:\n  max_steps: [1, 2]\n", "train.max_steps: expected int, got [1, 2]"),
+    ("train:\n  max_steps: 15e-1\n", "train.max_steps: expected int, got '15e-1' (not a whole number)"),
+    ("train:\n  max_steps: 2.5\n", "train.max_steps: expected int, got 2.5 (not a whole number)"),
+    ("train:\n  max_steps:\n", "train.max_steps: expected int, got null"),
+    ("retriever:\n  tau: fast\n", "retriever.tau: expected float"),
+    ("retriever:\n  lr: {a: 1}\n", "retriever.lr: expected float"),
+    ("retriever:\n  lr: .nan\n", "retriever.lr: expected a finite number"),
+    ("train:\n  use_gpu: 1\n", "train.use_gpu: expected bool"),
+    ("train:\n  estimator: [jsa]\n", "train.estimator: expected str"),
+    ("data:\n  corpus: [a.jsonl]\n", "data.corpus: expected str or null"),
+    ("train: 3\n", "train: expected a mapping"),
+])
+def test_yaml_value_of_the_wrong_type_names_key_and_file(tmp_path, text, message):
+    path = _yaml(tmp_path, text, "typed.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+
+
+def test_yaml_strings_and_optional_values(tmp_path):
+    cfg = load_config(_yaml(tmp_path, "mlflow:\n  run_name: 2024\ndata:\n  corpus: null\n"))
+    assert cfg.mlflow.run_name == "2024" and cfg.data.corpus is None
+
+
+def test_from_dict_coerces_and_names_its_source():
+    from pipeline.config import from_dict
+
+    assert from_dict({"train": {"k": "3"}}).train.k == 3
+    with pytest.raises(ConfigError, match=r"^ckpt/config\.yaml: train\.k: expected int"):
+        from_dict({"train": {"k": "three"}}, source="ckpt/config.yaml")
+
+
+def test_set_and_yaml_share_one_coercion(tmp_path, monkeypatch):
+    import pipeline.config as config
+
+    seen = []
+    real = config.coerce_value
+
+    def spy(value, hint, key):
+        seen.append(key)
+        return real(value, hint, key)
+
+    monkeypatch.setattr(config, "coerce_value", spy)
+    cfg = load_config(_yaml(tmp_path, "train:\n  max_steps: 1e2\n"), ["retriever.lr=1e-3", "train.k=2.0"])
+    assert {"train.max_steps", "retriever.lr", "train.k"} <= set(seen)
+    assert (cfg.train.max_steps, cfg.retriever.lr, cfg.train.k) == (100, 1e-3, 2)
+    with pytest.raises(ConfigError, match="--set train.max_steps: expected int, got 2.5 .not a whole number"):
+        load_config(None, ["train.max_steps=2.5"])
+    with pytest.raises(ConfigError, match="--set train.use_gpu: expected bool"):
+        load_config(None, ["train.use_gpu=1"])
+
+
+def test_set_unknown_key_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'max_stepz' \(did you mean max_steps\?\)"):
+        load_config(None, ["train.max_stepz=3"])
+
+
+def test_every_train_config_in_configs_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("demo.yaml", "cmu_qa_wiki.yaml", "real_bart_base.yaml", "real_flan_t5.yaml"):
+        load_config(root / name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# index.encode_batch_size -> index.encode_map_batch_size (issue 15 item 4)
+
+
+def test_encode_batch_size_is_renamed(tmp_path):
+    from pipeline.config import IndexConfig
+
+    assert "encode_batch_size" not in IndexConfig.__dataclass_fields__
+    assert load_config(None, ["index.encode_map_batch_size=256"]).index.encode_map_batch_size == 256
+    path = _yaml(tmp_path, "index:\n  encode_batch_size: 512\n", "old.yaml")
+    with pytest.raises(ConfigError, match=r"old\.yaml: index\.encode_batch_size: renamed to "
+                                          r"index\.encode_map_batch_size"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set index\.encode_batch_size: renamed to index\.encode_map_batch_size"):
+        load_config(None, ["index.encode_batch_size=512"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# malformed config files (issue 18 item 10)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("train:\n  k: 3\n   max_steps: [1\n", 3),
+    ("train:\n\tk: 3\n", 2),
+    ("a: [1\n", 2),
+])
+def test_malformed_yaml_names_file_and_line(tmp_path, text, line):
+    path = _yaml(tmp_path, text, "broken.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} line {line}, column ") and "not valid YAML" in message
+    assert "\n" not in message and "<unicode string>" not in message
+
+
+def test_non_utf8_config_names_file_and_line(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"train:\n  estimator: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin\.yaml line 2: not valid UTF-8"):
+        load_config(path)
+
+
+def test_config_that_is_not_a_mapping_or_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_yaml(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(tmp_path)
