@@ -8,15 +8,28 @@ from pathlib import Path
 from pipeline.data import DataError, read_qa
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (`--k 0` is refused, not read as "use the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentrag eval", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by `latentrag train`")
     p.add_argument("--eval-qa", required=True, help="questions with answers (and gold_passage_ids for recall)")
     p.add_argument("--output-dir", required=True, help="where metrics.json and predictions.jsonl go")
     p.add_argument("--index", help="evaluate against another index root or version than the checkpoint's")
-    p.add_argument("--k", type=int, help="passages per question (default: the checkpoint's eval.k)")
+    p.add_argument("--k", type=_positive_int,
+                   help="passages per question, 1 to the number of passages in the index (default: the "
+                        "checkpoint's eval.k)")
     p.add_argument("--decode", choices=["fast", "thorough"], help="RAG-Sequence decoding mode")
-    p.add_argument("--num-beams", type=int, help="beams per passage (default: the checkpoint's eval.num_beams)")
+    p.add_argument("--num-beams", type=_positive_int, help="beams per passage (default: the checkpoint's eval.num_beams)")
     return p
 
 
@@ -32,10 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics, predictions = evaluate(model, rows, k=args.k or cfg.eval.k, estimator=cfg.train.estimator,
-                                    decode=args.decode or cfg.eval.decode,
-                                    num_beams=args.num_beams or cfg.eval.num_beams)
-    metrics.update({"estimator": cfg.train.estimator, "index_version": model.index.version,
+    k = args.k if args.k is not None else cfg.eval.k
+    num_passages = len(model.index.ids)
+    if k > num_passages:
+        given = f"--k {k}" if args.k is not None else f"eval.k={k} (from the checkpoint's config; pass --k)"
+        print(f"error: {given}: the index {model.index.path} holds only {num_passages} passage(s); "
+              f"choose k between 1 and {num_passages}", file=sys.stderr)
+        return 2
+    decode = args.decode or cfg.eval.decode
+    num_beams = args.num_beams if args.num_beams is not None else cfg.eval.num_beams
+    metrics, predictions = evaluate(model, rows, k=k, estimator=cfg.train.estimator, decode=decode,
+                                    num_beams=num_beams)
+    metrics.update({"k": k, "decode": decode, "num_beams": num_beams,
+                    "estimator": cfg.train.estimator, "index_version": model.index.version,
                     "checkpoint": str(Path(args.checkpoint).resolve()), "step": meta.get("step")})
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -348,15 +348,17 @@ def _unknown_keys_message(where: str, unknown: list[str], known: list[str]) -> s
     return message if guessed else f"{message}; known: {', '.join(known)}"
 
 
-def _build(cls, values: dict, section: str, source: str | None):
+def _build(cls, values: dict, section: str, source: str | None, upgrade_renamed: bool):
     prefix = f"{source}: " if source else ""
     where = section or "top level"
     names = [f.name for f in dataclasses.fields(cls)]
-    for name in values:
+    for name in list(values):
         if (section, name) in RENAMED:
             new, why = RENAMED[(section, name)]
-            raise ConfigError(f"{prefix}{section}.{name}: renamed to {section}.{new} ({why}); "
-                              f"write {new}: {values[name]!r} instead")
+            if not upgrade_renamed or new in values:
+                raise ConfigError(f"{prefix}{section}.{name}: renamed to {section}.{new} ({why}); "
+                                  f"write {new}: {values[name]!r} instead")
+            values = {(new if k == name else k): v for k, v in values.items()}
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(prefix + _unknown_keys_message(where, [str(k) for k in unknown], names))
@@ -368,7 +370,7 @@ def _build(cls, values: dict, section: str, source: str | None):
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{key}: expected a mapping of {key}.* keys, got {_show(value)}")
-            kwargs[name] = _build(hint, value, key, source)
+            kwargs[name] = _build(hint, value, key, source, upgrade_renamed)
         else:
             try:
                 kwargs[name] = coerce_value(value, hint, key)
@@ -377,13 +379,16 @@ def _build(cls, values: dict, section: str, source: str | None):
     return cls(**kwargs)
 
 
-def from_dict(values: dict | None, source: str | Path | None = None) -> Config:
+def from_dict(values: dict | None, source: str | Path | None = None, *, upgrade_renamed: bool = False) -> Config:
     """A Config from nested mappings (a YAML file's contents): unknown keys refused (with a suggestion), renamed
-    keys refused naming the new key, and every value coerced to its declared type (`coerce_value`). Errors are
-    `ConfigError`s that name the key and, when given, `source` (the file)."""
+    keys (`RENAMED`) refused naming the new key, and every value coerced to its declared type (`coerce_value`).
+    Errors are `ConfigError`s that name the key and, when given, `source` (the file).
+
+    `upgrade_renamed=True` is for configs latentrag wrote itself (a checkpoint's or an MLflow model's
+    config.yaml from before a rename): renamed keys are read under their new names instead of refused."""
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"{source or 'config'}: the top level must be a mapping")
-    return _build(Config, values or {}, "", str(source) if source is not None else None)
+    return _build(Config, values or {}, "", str(source) if source is not None else None, upgrade_renamed)
 
 
 def read_yaml_mapping(path: str | Path | None) -> dict:

@@ -198,3 +198,14 @@ def test_config_that_is_not_a_mapping_or_a_file(tmp_path):
         load_config(_yaml(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="not a file"):
         load_config(tmp_path)
+
+
+def test_saved_configs_from_before_the_rename_upgrade_when_asked():
+    from pipeline.config import from_dict
+
+    old = {"index": {"encode_batch_size": 512}}
+    assert from_dict(old, upgrade_renamed=True).index.encode_map_batch_size == 512
+    with pytest.raises(ConfigError, match="renamed to index.encode_map_batch_size"):
+        from_dict(old)
+    with pytest.raises(ConfigError, match="renamed to index.encode_map_batch_size"):
+        from_dict({"index": {"encode_batch_size": 512, "encode_map_batch_size": 64}}, upgrade_renamed=True)
