@@ -82,20 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from ray import serve
 
-    from serving.app import build_app, use_serve_throughput_env
+    from serving.app import ADMIN_TOKEN_ENV, build_app, use_serve_throughput_env
     from serving.loading import ServingLoadError
     from serving.schemas import ServeArgs
 
+    config_token = cfg.get("env_vars", {}).get(ADMIN_TOKEN_ENV)
+    if config_token and not os.environ.get(ADMIN_TOKEN_ENV) and not any(
+            app_args.get(k) for k in ("admin_token", "admin_token_file", "admin_token_sha256")):
+        app_args["admin_token"] = str(config_token)        # hashed by build_app, never a runtime_env variable
     try:
         serve_args = ServeArgs(**app_args)
         app = build_app(serve_args, cfg.get("deployments"))
     except (ValidationError, ServingLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # The admin token (LATENTRAG_ADMIN_TOKEN, args.admin_token or admin_token_file) reached build_app above, which
+    # keeps only its SHA-256 for the deployments. It must not travel further: a runtime_env variable is written
+    # into Ray's logs, and Ray's processes would inherit it from this one.
+    os.environ.pop(ADMIN_TOKEN_ENV, None)
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-           **{k: str(v) for k, v in cfg.get("env_vars", {}).items()}}
-    if os.environ.get("LATENTRAG_ADMIN_TOKEN"):
-        env["LATENTRAG_ADMIN_TOKEN"] = os.environ["LATENTRAG_ADMIN_TOKEN"]
+           **{k: str(v) for k, v in cfg.get("env_vars", {}).items() if k != ADMIN_TOKEN_ENV}}
     if not ray.is_initialized():
         env.update(use_serve_throughput_env())       # Serve's processes read these when Ray starts
         ray.init(runtime_env={"env_vars": env})

@@ -22,23 +22,30 @@ that was not warmed loads the version on its first request). For a rolling repla
 with `serve deploy` instead.
 """
 import asyncio
+import hashlib
 import hmac
+import html
 import json
 import os
 import queue
 import time
 from collections import OrderedDict, defaultdict
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Dict
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from serving import errors
+from serving.batching import (Answer, AnswerItem, Coalescer, ItemError, Retrieved, RetrieveItem, batch_stats, logger,
+                              run_each)
 from serving.loading import ModelRef, ServingLoadError, load_generator_part, load_retriever_part, resolve_model_ref
 from serving.schemas import (AnswerRequest, AnswerResponse, HealthResponse, Passage, ReloadRequest, ReloadResponse,
                              RetrieveRequest, RetrieveResponse, ServeArgs)
@@ -71,12 +78,6 @@ def _overloaded() -> HTTPException:
     return HTTPException(503, "overloaded: too many queued requests, retry later", headers={"Retry-After": "1"})
 
 
-def _unavailable_or_raise(exc: Exception) -> Exception:
-    from ray.serve.exceptions import BackPressureError
-
-    return _overloaded() if isinstance(exc, BackPressureError) else exc
-
-
 # --------------------------------------------------------------------------------------------- model cache
 class _VersionCache:
     """The last `keep` loaded versions of one replica's share of the model, loaded one at a time in a thread."""
@@ -104,75 +105,27 @@ class _VersionCache:
         return list(self._models)
 
 
-class _Coalescer:
-    """Runs `fn(items) -> results` (same length) over everything submitted while its previous call ran, up to
-    `max_items` per call. Serve's @serve.batch forms a batch from what arrives within batch_wait_timeout_s, whether
-    or not the model is free, so under load the model would run many small batches one after another; behind a
-    coalescer, the batches that queued up while the model was busy run as one."""
-
-    def __init__(self, fn, max_items: int):
-        self.fn = fn
-        self.max_items = max(1, max_items)
-        self._pending: list[tuple[list, asyncio.Future]] = []
-        self._running = False
-
-    async def submit(self, items: list) -> list:
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((items, fut))
-        if not self._running:
-            self._running = True
-            asyncio.ensure_future(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                take, n = [], 0
-                while self._pending and (not take or n + len(self._pending[0][0]) <= self.max_items):
-                    take.append(self._pending.pop(0))
-                    n += len(take[-1][0])
-                try:
-                    out = await self.fn([x for items, _ in take for x in items])
-                except Exception as exc:  # noqa: BLE001 - handed to every caller of this call
-                    for _, fut in take:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                pos = 0
-                for items, fut in take:
-                    if not fut.done():
-                        fut.set_result(out[pos:pos + len(items)])
-                    pos += len(items)
-        finally:
-            self._running = False
-
-
 def _set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
 
 
-def _batch_stats(replica) -> dict:
-    return {"batches": replica.batches, "requests": replica.batched_requests,
-            "mean_batch_size": round(replica.batched_requests / replica.batches, 2) if replica.batches else None}
-
-
 # --------------------------------------------------------------------------------------------- Retriever
-def _retrieve_group(model, items: list[dict]) -> list[dict]:
+def _retrieve_group(model, items: list[RetrieveItem]) -> list[Retrieved]:
     """One query-encoder pass and one index search for a group of questions (same model version)."""
     import torch
 
     from pipeline.index import passage_text
 
-    questions = [it["question"] for it in items]
-    kmax = max(it["k"] for it in items)
+    questions = [it.question for it in items]
+    kmax = max(it.k for it in items)
     with torch.no_grad():
         cand = model.retrieve(questions, kmax)
         scores = model.doc_scores(questions, cand).float().cpu()
     out = []
     for i, it in enumerate(items):
-        k = it["k"]
+        k = it.k
         rows = [int(r) for r in cand.rows[i, :k]]
         s = scores[i, :k]
         prob = torch.softmax(s, -1).tolist()
@@ -183,7 +136,7 @@ def _retrieve_group(model, items: list[dict]) -> list[dict]:
             passages.append({"id": str(p["id"]), "title": title, "text": p["text"], "row": row,
                              "score": float(s[j]), "probability": prob[j],
                              "generator_text": passage_text(title, p["text"])})
-        out.append({"passages": passages})
+        out.append(Retrieved(passages))
     return out
 
 
@@ -204,7 +157,7 @@ class Retriever:
 
     def stats(self) -> dict:
         """This replica's batching so far: how many batches, how many requests they held."""
-        return _batch_stats(self)
+        return batch_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         """Load a version ahead of a reload (the one being served keeps serving meanwhile)."""
@@ -212,32 +165,60 @@ class Retriever:
         return self.models.keys()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def retrieve(self, items: list[dict]) -> list[dict]:
+    async def retrieve(self, items: list[RetrieveItem]) -> list[Retrieved | ItemError]:
         """One question per call (/v1/retrieve, /v1/answer/stream); Serve batches the calls."""
         return await self.retrieve_many(items)
 
-    async def retrieve_many(self, items: list[dict]) -> list[dict]:
+    async def retrieve_many(self, items: list[RetrieveItem]) -> list[Retrieved | ItemError]:
         """A list of questions in one call: what a Generator batch sends (one handle call per batch, not one per
-        request)."""
+        request). Each item gets its passages or its own ItemError (run_each), never its neighbours' failure."""
         self.batches += 1
         self.batched_requests += len(items)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
-            groups[it["ref"]["key"]].append(i)
-        results: list[dict] = [{} for _ in items]
+            groups[it.ref["key"]].append(i)
+        results: list = [None] * len(items)
         for idx in groups.values():
+            group = [items[i] for i in idx]
             try:
-                model = await self.models.get(ModelRef.from_dict(items[idx[0]]["ref"]))
-                outs = await asyncio.to_thread(_retrieve_group, model, [items[i] for i in idx])
-            except Exception as exc:  # reported per request, never a dead replica
-                outs = [{"error": f"{type(exc).__name__}: {exc}"}] * len(idx)
+                model = await self.models.get(ModelRef.from_dict(group[0].ref))
+            except Exception:  # noqa: BLE001 - this version cannot load: its requests fail, the replica lives
+                logger.exception("requests %s: loading the retriever failed", [it.request_id for it in group])
+                outs = [ItemError("retrieval failed", it.request_id) for it in group]
+            else:
+                outs = await asyncio.to_thread(run_each, lambda its: _retrieve_group(model, its), group, "retrieval")
             for i, out in zip(idx, outs):
                 results[i] = out
         return results
 
 
 # --------------------------------------------------------------------------------------------- Generator
-def _decode_group(gen, items: list[dict], thorough: bool, on_step=None) -> list[dict]:
+def question_budget(gen) -> int | None:
+    """How many question tokens the generator reads: half its input length, less the pair's special tokens, so
+    that truncating the passage (the tokenizer's `only_second`) always has enough passage to cut."""
+    max_len = getattr(gen, "max_source_length", None)
+    if not max_len:
+        return None
+    return max(1, max_len // 2 - gen.tokenizer.num_special_tokens_to_add(pair=True))
+
+
+def fit_question(gen, question: str) -> str:
+    """The question cut after its first `question_budget(gen)` tokens (at a character boundary of the original
+    text). A long question would otherwise make the batched (question, passage) tokenizer call fail."""
+    budget = question_budget(gen)
+    if budget is None or len(question) <= budget:        # a token holds at least one character
+        return question
+    tok = gen.tokenizer
+    enc = tok(question, add_special_tokens=False, return_offsets_mapping=tok.is_fast)
+    ids = enc["input_ids"]
+    if len(ids) <= budget:
+        return question
+    if tok.is_fast:
+        return question[:enc["offset_mapping"][budget - 1][1]]
+    return tok.decode(ids[:budget])
+
+
+def _decode_group(gen, items: list[AnswerItem], thorough: bool, on_step=None) -> list[Answer]:
     """Decode questions that share model version, mode, k, beams and length in one batched call of the pipeline's
     decoders, on the passages the Retriever found (`candidates=`, `doc_scores=`): one encoder pass over every
     (question, passage) pair of the group, one decoder step per token for all their live beams."""
@@ -247,22 +228,21 @@ def _decode_group(gen, items: list[dict], thorough: bool, on_step=None) -> list[
     from pipeline.rag import Candidates
 
     first = items[0]
-    ps = [it["retrieved"]["passages"] for it in items]
+    ps = [it.retrieved.passages for it in items]
     cand = Candidates(rows=np.array([[p["row"] for p in row] for row in ps]),
                       ids=[[p["id"] for p in row] for row in ps],
                       texts=[[p["generator_text"] for p in row] for row in ps], query_vectors=None)
     scores = torch.tensor([[p["score"] for p in row] for row in ps], dtype=torch.float32)
     model = SimpleNamespace(generator=gen)            # retrieval happened in the Retriever deployment
-    questions = [it["question"] for it in items]
-    common = dict(k=first["k"], num_beams=first["num_beams"], max_len=first["max_new_tokens"], candidates=cand,
+    questions = [fit_question(gen, it.question) for it in items]
+    common = dict(k=first.k, num_beams=first.num_beams, max_len=first.max_new_tokens, candidates=cand,
                   doc_scores=scores)
     with torch.no_grad():
-        if first["mode"] == "rag-sequence":
+        if first.mode == "rag-sequence":
             answers = rag_sequence_decode(model, questions, thorough=thorough, **common)
         else:
             answers = rag_token_decode(model, questions, on_step=on_step, **common)
-    return [{"answer": a.answer, "score": a.score,
-             "posterior": [p.get("posterior") for p in a.passages]} for a in answers]
+    return [Answer(a.answer, a.score, [p.get("posterior") for p in a.passages]) for a in answers]
 
 
 def _text_pieces(gen, ids_stream):
@@ -300,69 +280,84 @@ class Generator:
         self.batches, self.batched_requests = 0, 0
         # retrieval and decoding each run over what queued up while they were busy (one of each at a time, so a
         # batch retrieves while the one before it decodes)
-        self._retrieval = _Coalescer(self._retrieve_for, self.args.retriever_max_batch_size)
-        self._decoding = _Coalescer(self._decode, self.args.max_batch_size)
+        self._retrieval = Coalescer(self._retrieve_for, self.args.retriever_max_batch_size)
+        self._decoding = Coalescer(self._decode, self.args.max_batch_size)
 
     def stats(self) -> dict:
         """This replica's batching so far: how many decoder batches, how many requests they held."""
-        return _batch_stats(self)
+        return batch_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         await self.models.get(ModelRef.from_dict(ref))
         return self.models.keys()
 
-    async def _retrieve_for(self, items: list[dict]) -> list[dict]:
+    async def _retrieve_for(self, items: list[AnswerItem]) -> list[AnswerItem]:
         """The passages of every item of a batch that has none yet: ONE call to the Retriever for the batch."""
-        need = [i for i, it in enumerate(items) if "retrieved" not in it]
+        need = [i for i, it in enumerate(items) if it.retrieved is None]
         if not need:
             return items
         try:
             found = await self.retriever.retrieve_many.remote(
-                [{"ref": items[i]["ref"], "question": items[i]["question"], "k": items[i]["k"]} for i in need])
-        except Exception as exc:                       # the Retriever is overloaded or gone: every item says so
+                [RetrieveItem(items[i].ref, items[i].question, items[i].k, items[i].request_id) for i in need])
+        except Exception as exc:  # noqa: BLE001 - the Retriever is overloaded or gone: every item says so
             from ray.serve.exceptions import BackPressureError
 
-            found = [{"error": f"retrieval failed: {type(exc).__name__}: {exc}",
-                      "overloaded": isinstance(exc, BackPressureError)}] * len(need)
+            overloaded = isinstance(exc, BackPressureError)
+            if not overloaded:
+                logger.exception("requests %s: the call to the Retriever failed", [items[i].request_id for i in need])
+            found = [ItemError("retrieval failed", items[i].request_id, overloaded) for i in need]
         items = list(items)
         for i, r in zip(need, found):
-            items[i] = dict(items[i], retrieved=r)
+            items[i] = replace(items[i], retrieved=r)
         return items
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=16)
-    async def answer(self, items: list[dict]) -> list[dict]:
-        """Items {ref, question, mode, k, num_beams, max_new_tokens[, retrieved]} -> {answer, score, posterior,
-        retrieved, batch_size} or {error}. Items without `retrieved` passages get them from the Retriever, one call
-        for the whole batch; batches that arrive while the decoder is busy are decoded together (_Coalescer)."""
+    async def answer(self, items: list[AnswerItem]) -> list[Answer | ItemError]:
+        """One Answer or ItemError per AnswerItem. Items without `retrieved` passages get them from the Retriever,
+        one call for the whole batch; batches that arrive while the decoder is busy are decoded together
+        (Coalescer); an item that fails fails alone (run_each)."""
         return await self._decoding.submit(await self._retrieval.submit(items))
 
-    async def _decode(self, items: list[dict]) -> list[dict]:
+    async def _decode(self, items: list[AnswerItem]) -> list[Answer | ItemError]:
         self.batches += 1
         self.batched_requests += len(items)
-        results: list[dict] = [{} for _ in items]
+        results: list = [None] * len(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
-            if "error" in it["retrieved"]:
-                results[i] = dict(it["retrieved"])
+            if isinstance(it.retrieved, ItemError):
+                results[i] = it.retrieved
                 continue
-            groups[(it["ref"]["key"], it["mode"], it["k"], it["num_beams"], it["max_new_tokens"])].append(i)
+            groups[(it.ref["key"], it.mode, it.k, it.num_beams, it.max_new_tokens)].append(i)
         for idx in groups.values():
+            group = [items[i] for i in idx]
             try:
-                gen = await self.models.get(ModelRef.from_dict(items[idx[0]]["ref"]))
-                outs = await asyncio.to_thread(_decode_group, gen, [items[i] for i in idx], self.thorough)
-            except Exception as exc:
-                outs = [{"error": f"{type(exc).__name__}: {exc}"}] * len(idx)
+                gen = await self.models.get(ModelRef.from_dict(group[0].ref))
+            except Exception:  # noqa: BLE001 - this version cannot load: its requests fail, the replica lives
+                logger.exception("requests %s: loading the generator failed", [it.request_id for it in group])
+                outs = [ItemError("generation failed", it.request_id) for it in group]
+            else:
+                outs = await asyncio.to_thread(
+                    run_each, lambda its: _decode_group(gen, its, self.thorough), group, "generation")
             for i, out in zip(idx, outs):
-                results[i] = dict(out, retrieved=items[i]["retrieved"], batch_size=len(items))
+                results[i] = out if isinstance(out, ItemError) else \
+                    replace(out, retrieved=items[i].retrieved, batch_size=len(items))
         return results
 
-    async def stream(self, item: dict) -> AsyncIterator[dict]:
-        """Events {"token": piece} ... then {"done": {answer, score, posterior}}. RAG-Token with one beam streams
-        tokens as the decoder emits them (the same `rag_token_decode` call as /v1/answer, watched step by step);
-        otherwise the answer is decoded first (the sequence-level choice needs every hypothesis) and its tokens
-        follow."""
-        gen = await self.models.get(ModelRef.from_dict(item["ref"]))
-        if item["mode"] == "rag-token" and item["num_beams"] == 1:
+    async def stream(self, item: AnswerItem) -> AsyncIterator[dict]:
+        """Events {"token": piece} ... then {"done": Answer}, or {"error": ItemError} (the traceback goes to this
+        replica's log). RAG-Token with one beam streams tokens as the decoder emits them (the same
+        `rag_token_decode` call as /v1/answer, watched step by step); otherwise the answer is decoded first (the
+        sequence-level choice needs every hypothesis) and its tokens follow."""
+        try:
+            async for event in self._stream(item):
+                yield event
+        except Exception:  # noqa: BLE001 - in-band, short; the details stay here
+            logger.exception("request %s: streaming generation failed", item.request_id)
+            yield {"error": ItemError("generation failed", item.request_id)}
+
+    async def _stream(self, item: AnswerItem) -> AsyncIterator[dict]:
+        gen = await self.models.get(ModelRef.from_dict(item.ref))
+        if item.mode == "rag-token" and item.num_beams == 1:
             steps: queue.Queue = queue.Queue()
             stop = {gen.eos_token_id, gen.tokenizer.pad_token_id}
 
@@ -383,27 +378,70 @@ class Generator:
             yield {"done": (await task)[0]}
             return
         out = (await asyncio.to_thread(_decode_group, gen, [item], self.thorough))[0]
-        for piece in _pieces(gen, out["answer"]):
+        for piece in _pieces(gen, out.answer):
             yield {"token": piece}
         yield {"done": out}
 
 
 # --------------------------------------------------------------------------------------------- ingress
+DOCS_NOTE = ("The interactive Swagger UI is not bundled (it would load its scripts from a CDN): GET /docs lists the "
+             "endpoints on a self-contained page; this schema (/openapi.json) is the full reference.")
+
 api = FastAPI(
     title="latentrag",
     version="0.1.0",
     description="Retrieval-augmented generation with passages as latent variables: answer questions with "
-                "RAG-Sequence or RAG-Token decoding over a trained retriever and generator.",
+                "RAG-Sequence or RAG-Token decoding over a trained retriever and generator. Errors are "
+                "`{detail, request_id}` (the request id is also the `X-Request-ID` response header; the server log "
+                "has the details under it). " + DOCS_NOTE,
+    docs_url=None, redoc_url=None,
 )
+errors.install(api)
 
 
-def _passages(retrieved: dict, posterior: list | None = None) -> list[Passage]:
+def _passages(retrieved: Retrieved, posterior: list | None = None) -> list[Passage]:
     out = []
-    for j, p in enumerate(retrieved["passages"]):
+    for j, p in enumerate(retrieved.passages):
         post = posterior[j] if posterior and j < len(posterior) else None
         out.append(Passage(id=p["id"], title=p["title"], text=p["text"], probability=p["probability"],
                            posterior=post))
     return out
+
+
+def docs_page(spec: dict) -> str:
+    """A self-contained HTML page (no scripts, nothing fetched) listing the endpoints of an OpenAPI spec."""
+    rows = []
+    for path, ops in spec.get("paths", {}).items():
+        for method, op in ops.items():
+            summary = op.get("summary") or ""
+            desc = (op.get("description") or "").split("\n\n")[0]
+            rows.append(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}"
+                        f"</code></td><td>{html.escape(summary)}<br><small>{html.escape(desc)}</small></td></tr>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>latentrag API</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:.3em .6em;"
+            "vertical-align:top;border-bottom:1px solid #ddd}</style></head><body>"
+            f"<h1>{html.escape(spec['info']['title'])} {html.escape(spec['info']['version'])}</h1>"
+            f"<p>{html.escape(DOCS_NOTE)} The schema: <a href='openapi.json'>openapi.json</a>.</p>"
+            f"<table>{''.join(rows)}</table></body></html>")
+
+
+def token_sha256(args: ServeArgs) -> str | None:
+    """The admin token's SHA-256 (hex), from args.admin_token_sha256, args.admin_token, args.admin_token_file or
+    the environment variable LATENTRAG_ADMIN_TOKEN of the process that builds the application, in that order.
+    Only the hash reaches the deployments: the token itself is never a deployment argument or a runtime_env
+    variable (those end up in Serve's stored config and Ray's logs)."""
+    if args.admin_token_sha256:
+        return args.admin_token_sha256
+    token = args.admin_token
+    if token is None and args.admin_token_file:
+        token = Path(args.admin_token_file).expanduser().read_text().strip()
+    if token is None:
+        token = os.environ.get(ADMIN_TOKEN_ENV) or None
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def _log_failure(rid: str, what: str) -> None:
+    logger.exception("request %s: %s failed", rid, what)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=256, max_queued_requests=512,
@@ -414,33 +452,50 @@ class Ingress:
         self.retriever = retriever
         self.generator = generator
         self.args = ServeArgs(**args)
+        errors.LIMITS["max_body_bytes"] = self.args.max_body_bytes
         self.active = ModelRef.from_dict(ref)
         self._ref_cache: tuple = (None, None)
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
 
     # ---- helpers
-    def _limits(self, k: int) -> None:
+    def _k(self, k: int | None) -> int:
+        """The request's k (default: default_k, capped at the index size), refused beyond what the index holds."""
         limit = min(self.args.max_k, self.active.index_count or self.args.max_k)
+        if k is None:
+            return min(self.args.default_k, limit)
         if k > limit:
             raise HTTPException(422, f"k={k} is out of range: this server allows 1..{limit} "
                                      f"(max_k {self.args.max_k}, index holds {self.active.index_count} passages)")
+        return k
 
-    async def _retrieve(self, ref: ModelRef, question: str, k: int) -> dict:
+    def _failed(self, out: ItemError, rid: str) -> HTTPException:
+        if out.overloaded:                         # a call between deployments was refused for load
+            return _overloaded()
+        return HTTPException(500, errors.failure(out.message.removesuffix(" failed"), rid))
+
+    async def _retrieve(self, ref: ModelRef, question: str, k: int, rid: str) -> Retrieved:
         try:
-            out = await self.retriever.retrieve.remote({"ref": self._ref_dict(ref), "question": question, "k": k})
-        except Exception as exc:
-            raise _unavailable_or_raise(exc)
-        if "error" in out:
-            raise HTTPException(500, f"retrieval failed: {out['error']}")
+            out = await self.retriever.retrieve.remote(RetrieveItem(self._ref_dict(ref), question, k, rid))
+        except Exception as exc:  # noqa: BLE001
+            raise self._handle_error(exc, rid, "retrieval")
+        if isinstance(out, ItemError):
+            raise self._failed(out, rid)
         return out
 
-    def _item(self, ref: ModelRef, req: AnswerRequest, retrieved: dict | None = None) -> dict:
-        item = {"ref": self._ref_dict(ref), "question": req.question, "mode": req.mode, "k": req.k,
-                "num_beams": req.num_beams, "max_new_tokens": req.max_new_tokens}
-        if retrieved is not None:
-            item["retrieved"] = retrieved
-        return item
+    def _handle_error(self, exc: Exception, rid: str, what: str) -> HTTPException:
+        """A handle call raised: 503 for backpressure, else a short 500 (traceback to the log)."""
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, BackPressureError):
+            return _overloaded()
+        logger.error("request %s: %s failed", rid, what, exc_info=exc)
+        return HTTPException(500, errors.failure(what, rid))
+
+    def _item(self, ref: ModelRef, req: AnswerRequest, k: int, rid: str,
+              retrieved: Retrieved | None = None) -> AnswerItem:
+        return AnswerItem(self._ref_dict(ref), req.question, req.mode, k, req.num_beams, req.max_new_tokens, rid,
+                          retrieved)
 
     def _ref_dict(self, ref: ModelRef) -> dict:
         if self._ref_cache[0] is not ref:          # the active reference changes only on reload
@@ -448,6 +503,10 @@ class Ingress:
         return self._ref_cache[1]
 
     # ---- endpoints
+    @api.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    async def docs(self) -> HTMLResponse:
+        return HTMLResponse(docs_page(api.openapi()))
+
     @api.get("/healthz", response_model=HealthResponse)
     async def healthz(self) -> HealthResponse:
         return HealthResponse(status="ok", model_version=self.active.model_version,
@@ -455,9 +514,11 @@ class Ingress:
 
     @api.get("/v1/info")
     async def info(self) -> dict:
+        """Versions, limits and batching statistics (no filesystem paths)."""
         return {**self.active.public(), "estimator": self.active.estimator, "tau": self.active.tau,
                 "index_count": self.active.index_count, "modes": ["rag-sequence", "rag-token"],
-                "limits": {"max_k": min(self.args.max_k, self.active.index_count or self.args.max_k)},
+                "limits": {"max_k": min(self.args.max_k, self.active.index_count or self.args.max_k),
+                           "default_k": self._k(None), "max_body_bytes": self.args.max_body_bytes},
                 "batching": {"max_batch_size": self.args.max_batch_size,
                              "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
                              "generator_replica": await self.generator.stats.remote(),
@@ -465,66 +526,58 @@ class Ingress:
                 "reloads": self.reloads}
 
     @api.post("/v1/retrieve", response_model=RetrieveResponse)
-    async def retrieve(self, req: RetrieveRequest) -> RetrieveResponse:
-        self._limits(req.k)
+    async def retrieve(self, req: RetrieveRequest, request: Request) -> RetrieveResponse:
+        k = self._k(req.k)
         ref = self.active
-        retrieved = await self._retrieve(ref, req.question, req.k)
+        retrieved = await self._retrieve(ref, req.question, k, errors.request_id(request))
         return RetrieveResponse(passages=_passages(retrieved), model_version=ref.model_version,
                                 index_version=ref.index_version)
 
     @api.post("/v1/answer", response_model=AnswerResponse)
-    async def answer(self, req: AnswerRequest) -> AnswerResponse:
+    async def answer(self, req: AnswerRequest, request: Request) -> AnswerResponse:
         """One handle call per request: the Generator's batch asks the Retriever for the whole batch's passages."""
-        self._limits(req.k)
+        k = self._k(req.k)
+        rid = errors.request_id(request)
         ref = self.active                       # this request stays on this version to the end
         try:
-            out = await self.generator.answer.remote(self._item(ref, req))
-        except Exception as exc:
-            raise _unavailable_or_raise(exc)
-        if "error" in out:
-            if out.get("overloaded"):                  # the Generator's call to the Retriever was refused
-                raise _overloaded()
-            raise HTTPException(500, out["error"] if out["error"].startswith("retrieval failed")
-                                else f"generation failed: {out['error']}")
-        return AnswerResponse(answer=out["answer"], score=out["score"], mode=req.mode,
-                              passages=_passages(out["retrieved"], out.get("posterior")) if req.return_passages
+            out = await self.generator.answer.remote(self._item(ref, req, k, rid))
+        except Exception as exc:  # noqa: BLE001
+            raise self._handle_error(exc, rid, "generation")
+        if isinstance(out, ItemError):
+            raise self._failed(out, rid)
+        return AnswerResponse(answer=out.answer, score=out.score, mode=req.mode,
+                              passages=_passages(out.retrieved, out.posterior) if req.return_passages
                               else [], model_version=ref.model_version, index_version=ref.index_version)
 
     @api.post("/v1/answer/stream", response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "server-sent events: `token` events {text}, then one `done` event "
-                                              "with the AnswerResponse (or an `error` event)"}})
-    async def answer_stream(self, req: AnswerRequest) -> StreamingResponse:
-        self._limits(req.k)
+                                              "with the AnswerResponse (or an `error` event {detail, request_id})"}})
+    async def answer_stream(self, req: AnswerRequest, request: Request) -> StreamingResponse:
+        k = self._k(req.k)
+        rid = errors.request_id(request)
         ref = self.active
-        retrieved = await self._retrieve(ref, req.question, req.k)
-        item = self._item(ref, req, retrieved)
+        retrieved = await self._retrieve(ref, req.question, k, rid)
+        item = self._item(ref, req, k, rid, retrieved)
 
-        async def events():
-            try:
-                async for event in self.generator.options(stream=True).stream.remote(item):
-                    if "token" in event:
-                        yield _sse("token", {"text": event["token"]})
-                    else:
-                        out = event["done"]
-                        resp = AnswerResponse(answer=out["answer"], score=out["score"], mode=req.mode,
-                                              passages=_passages(retrieved, out.get("posterior"))
-                                              if req.return_passages else [],
-                                              model_version=ref.model_version, index_version=ref.index_version)
-                        yield _sse("done", resp.model_dump())
-            except Exception as exc:            # headers are sent already: report in-band
-                yield _sse("error", {"detail": f"{type(exc).__name__}: {exc}"})
+        def done(out: Answer) -> dict:
+            return AnswerResponse(answer=out.answer, score=out.score, mode=req.mode,
+                                  passages=_passages(retrieved, out.posterior) if req.return_passages else [],
+                                  model_version=ref.model_version, index_version=ref.index_version).model_dump()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        events = self.generator.options(stream=True).stream.remote(item)
+        return StreamingResponse(sse_events(events, done, rid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _check_admin(self, authorization: str | None) -> None:
-        token = self.args.admin_token or os.environ.get(ADMIN_TOKEN_ENV)
-        if not token:
-            raise HTTPException(401, "reload is disabled: no admin token configured "
-                                     f"(set admin_token or {ADMIN_TOKEN_ENV})", headers={"WWW-Authenticate": "Bearer"})
+        expected = self.args.admin_token_sha256
+        if not expected:
+            raise HTTPException(401, "reload is disabled: no admin token configured (admin_token_file, "
+                                     f"admin_token_sha256 or {ADMIN_TOKEN_ENV} when the app is built)",
+                                headers={"WWW-Authenticate": "Bearer"})
         scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        digest = hashlib.sha256(given.strip().encode("utf-8", "replace")).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse,
@@ -534,11 +587,12 @@ class Ingress:
         """Move to a new checkpoint and/or index version without downtime (bearer token required). The token is
         checked before the body is read."""
         self._check_admin(authorization)
+        rid = errors.request_id(request)
         raw = await request.body()
         try:
             req = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
         except ValidationError as exc:
-            raise HTTPException(422, [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()])
+            raise HTTPException(422, errors.validation_details(exc.errors()))
         async with self._reload_lock:
             t = time.time()
             source = req.checkpoint or self.active.source
@@ -550,12 +604,31 @@ class Ingress:
             try:                                # load beside the serving version; nothing is swapped yet
                 await asyncio.gather(self.retriever.prepare.remote(new.to_dict()),
                                      self.generator.prepare.remote(new.to_dict()))
-            except Exception as exc:
-                raise HTTPException(500, f"cannot reload: loading failed, still serving "
-                                         f"{self.active.model_version}: {exc}")
+            except Exception:  # noqa: BLE001 - the traceback goes to the log, the client gets the request id
+                _log_failure(rid, f"reload to {source}")
+                raise HTTPException(500, f"cannot reload: loading {new.model_version} failed, still serving "
+                                         f"{self.active.model_version}; the server log has the details under "
+                                         f"request id {rid}")
             previous, self.active = self.active, new
             self.reloads += 1
-            return ReloadResponse(previous=previous.public(), current=new.public(), seconds=round(time.time() - t, 3))
+            return ReloadResponse(previous=previous.admin(), current=new.admin(), seconds=round(time.time() - t, 3))
+
+
+async def sse_events(events, done, rid: str):
+    """Generator stream events -> SSE text: `token` events, then `done` (done(Answer)) or one short `error` event
+    {detail, request_id}; whatever fails here is logged under the request id, never sent to the client."""
+    try:
+        async for event in events:
+            if "token" in event:
+                yield _sse("token", {"text": event["token"]})
+            elif "error" in event:
+                yield _sse("error", errors.error_body(errors.failure("generation", rid), rid))
+                return
+            else:
+                yield _sse("done", done(event["done"]))
+    except Exception:  # noqa: BLE001 - headers are sent already: report in-band, briefly
+        _log_failure(rid, "streaming")
+        yield _sse("error", errors.error_body(errors.failure("generation", rid), rid))
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -567,9 +640,16 @@ def build_app(args: ServeArgs | Dict[str, Any], deployments: dict[str, dict] | N
     unknown = sorted(set(opts) - set(DEPLOYMENT_NAMES))
     if unknown:
         raise ValueError(f"unknown deployment(s) {unknown}; this application has {list(DEPLOYMENT_NAMES)}")
-    retriever = Retriever.options(**opts.get("Retriever", {})).bind(ref.to_dict(), a.model_dump())
-    generator = Generator.options(**opts.get("Generator", {})).bind(retriever, ref.to_dict(), a.model_dump())
-    return Ingress.options(**opts.get("Ingress", {})).bind(retriever, generator, ref.to_dict(), a.model_dump())
+    try:
+        digest = token_sha256(a)
+    except OSError as exc:
+        raise ValueError(f"cannot read admin_token_file: {exc}") from exc
+    # the deployments get the token's hash only
+    dep_args = a.model_copy(update={"admin_token": None, "admin_token_file": None,
+                                    "admin_token_sha256": digest}).model_dump()
+    retriever = Retriever.options(**opts.get("Retriever", {})).bind(ref.to_dict(), dep_args)
+    generator = Generator.options(**opts.get("Generator", {})).bind(retriever, ref.to_dict(), dep_args)
+    return Ingress.options(**opts.get("Ingress", {})).bind(retriever, generator, ref.to_dict(), dep_args)
 
 
 def app_builder(args: Dict[str, Any]) -> Application:

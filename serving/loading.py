@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +46,12 @@ class ModelRef:
         return d if isinstance(d, ModelRef) else cls(**d)
 
     def public(self) -> dict:
-        return {"model_version": self.model_version, "index_version": self.index_version,
-                "checkpoint": self.source, "index_dir": self.index_dir, "step": self.step}
+        """What anyone may see (/v1/info, /healthz): versions, never the server's paths."""
+        return {"model_version": self.model_version, "index_version": self.index_version, "step": self.step}
+
+    def admin(self) -> dict:
+        """What an admin sees after a reload: the versions and what they were loaded from."""
+        return {**self.public(), "checkpoint": self.source, "index_dir": self.index_dir}
 
 
 def is_mlflow_uri(source: str) -> bool:
@@ -70,13 +75,28 @@ def _run_id_of_model_uri(uri: str) -> str | None:
     return mv.run_id
 
 
-def download_mlflow_checkpoint(uri: str, download_dir: str | None = None) -> Path:
-    """Download the artifacts behind `uri` and lay them out as a checkpoint directory (see the module doc)."""
+def _check_tracking_store() -> None:
+    """Refuse a local MLflow store that does not exist rather than let MLflow create an empty one (an
+    `mlflow.db` in the server's working directory) that cannot hold the run anyway."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else \
+        (uri[len("file://"):] if uri.startswith("file://") else (uri if "://" not in uri else None))
+    if local and not Path(local).exists():
+        raise ServingLoadError(f"the MLflow tracking store {uri} does not exist; set MLFLOW_TRACKING_URI to the "
+                               "store that holds the run (`latentrag train` uses sqlite:///OUTPUT_DIR/mlflow.db)")
+
+
+def download_mlflow_checkpoint(uri: str, dst: str | Path) -> Path:
+    """Download the artifacts behind `uri` into the directory `dst` and lay them out as a checkpoint directory
+    (see the module doc)."""
     import mlflow.artifacts
     import yaml
 
-    dst = Path(download_dir or tempfile.mkdtemp(prefix="latentrag-serve-"))
+    dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    _check_tracking_store()
     rest = uri[len("runs:/"):].strip("/") if uri.startswith("runs:/") else None
     try:
         if rest is not None and "/" not in rest:          # a whole run: runs:/<run_id>
@@ -138,13 +158,29 @@ def _model_version(ckpt: Path, meta: dict) -> str:
 
 
 def resolve_model_ref(source: str, index: str | None = None, download_dir: str | None = None) -> ModelRef:
-    """Check that `source` (+ `index`) can be served and name the exact versions. Raises ServingLoadError."""
+    """Check that `source` (+ `index`) can be served and name the exact versions. Raises ServingLoadError. An
+    MLflow URI is downloaded into a new `latentrag-serve-*` directory under `download_dir` (default: the system's
+    temporary directory); it is removed when resolving fails."""
+    source = str(source)
+    downloaded = None
+    if is_mlflow_uri(source):               # a fresh directory per download, removed again if anything fails
+        if download_dir:
+            Path(download_dir).mkdir(parents=True, exist_ok=True)
+        downloaded = Path(tempfile.mkdtemp(prefix="latentrag-serve-", dir=download_dir))
+    try:
+        return _resolve(source, index, downloaded)
+    except BaseException:
+        if downloaded is not None:
+            shutil.rmtree(downloaded, ignore_errors=True)
+        raise
+
+
+def _resolve(source: str, index: str | None, downloaded: Path | None) -> ModelRef:
     from pipeline.checkpoint import read_checkpoint_meta
     from pipeline.index import read_manifest, resolve_version_dir
 
-    source = str(source)
     try:
-        ckpt = download_mlflow_checkpoint(source, download_dir) if is_mlflow_uri(source) else Path(source)
+        ckpt = download_mlflow_checkpoint(source, downloaded) if downloaded is not None else Path(source)
         if not ckpt.is_dir():
             raise ServingLoadError(f"checkpoint {source!r} is not a directory")
         meta = read_checkpoint_meta(ckpt)

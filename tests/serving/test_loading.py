@@ -57,3 +57,38 @@ def test_mlflow_run_uri_rebuilds_a_checkpoint(tiny_checkpoints, tmp_path, monkey
     retriever = load_retriever_part(ref)
     assert len(retriever.retrieve(["Where was Varnel Ostrik born?"], 2).ids[0]) == 2
     assert load_generator_part(ref).max_target_length == 8
+
+
+def test_a_failed_mlflow_resolve_leaves_no_files(tiny_checkpoints, tmp_path, monkeypatch):
+    """No `latentrag-serve-*` download directory and no `mlflow.db` in the working directory after a runs:/ URI
+    that cannot be served: without a tracking URI, and with one whose run does not exist."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    work, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ServingLoadError, match="MLFLOW_TRACKING_URI"):
+        resolve_model_ref("runs:/0123456789abcdef")
+    assert list(work.iterdir()) == [] and list(tmp.iterdir()) == []
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    MlflowClient().search_experiments()                          # the store exists, the run does not
+    with pytest.raises(ServingLoadError, match="cannot download"):
+        resolve_model_ref("runs:/0123456789abcdef")
+    with pytest.raises(ServingLoadError):
+        resolve_model_ref("runs:/0123456789abcdef", download_dir=str(tmp_path / "dl"))
+    assert list(work.iterdir()) == [] and list(tmp.iterdir()) == [] and list((tmp_path / "dl").iterdir()) == []
+
+
+def test_public_versions_hold_no_paths(tiny_checkpoints):
+    a, _, root = tiny_checkpoints
+    ref = resolve_model_ref(str(a))
+    assert set(ref.public()) == {"model_version", "index_version", "step"}
+    assert str(root) not in json.dumps(ref.public()) and str(a) not in json.dumps(ref.public())
+    assert ref.admin()["checkpoint"] == str(a)                   # what a reload's (authenticated) answer shows
