@@ -59,11 +59,16 @@ class EmbeddingsFormatError(IndexFormatError):
 def passage_files(passages_dir: str | os.PathLike) -> list[str]:
     """The Parquet shards of a passage directory (``passages-*.parquet``); raises FileNotFoundError if none."""
     d = Path(passages_dir)
+    if d.is_file():
+        raise FileNotFoundError(f"{d} is a file, not a passage directory; `latentrag ingest --corpus {d} --out DIR` "
+                                "makes one (passages-*.parquet + passages.json), then pass --passages DIR")
     if not d.is_dir():
-        raise FileNotFoundError(f"passages directory not found: {d}")
+        raise FileNotFoundError(f"passages directory not found: {d} (`latentrag ingest --corpus FILE --out {d}` "
+                                "makes it)")
     files = sorted(glob.glob(str(d / "passages-*.parquet"))) or sorted(glob.glob(str(d / "*.parquet")))
     if not files:
-        raise FileNotFoundError(f"no passage shards (passages-*.parquet) in {d}")
+        raise FileNotFoundError(f"no passage shards (passages-*.parquet) in {d}; `latentrag ingest --corpus FILE "
+                                f"--out {d}` writes them")
     return files
 
 

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passages per question, 1 to the number of passages in the index (default: the "
                         "checkpoint's eval.k)")
     p.add_argument("--decode", choices=["fast", "thorough"], help="RAG-Sequence decoding mode")
-    p.add_argument("--num-beams", type=_positive_int, help="beams per passage (default: the checkpoint's eval.num_beams)")
+    p.add_argument("--num-beams", type=_positive_int,
+                   help="beams per passage (default: the checkpoint's eval.num_beams)")
     return p
 
 

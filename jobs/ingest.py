@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.data import FORMATS, DataError, chunk_passages, read_corpus, write_passages
+from pipeline.data import (FORMATS, DataError, check_passage_output, chunk_passages, read_corpus, write_passages,
+                           write_quarantine)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     quarantine = out.with_name(out.name + ".quarantine.jsonl")
     try:
+        check_passage_output(out)          # refuse before reading: a refused --out leaves no quarantine file
         rows = read_corpus(args.corpus, fmt=args.format, on_bad_rows=args.on_bad_rows, quarantine_path=quarantine,
-                           id_field=args.id_field, text_field=args.text_field, title_field=args.title_field)
+                           id_field=args.id_field, text_field=args.text_field, title_field=args.title_field,
+                           defer_quarantine=True)
         passages = chunk_passages(rows, args.chunk_words, args.chunk_overlap) if args.chunk_words else rows
         manifest = write_passages(passages, out, shard_size=args.shard_size)
+        if rows.bad:
+            write_quarantine(rows, quarantine)
     except (DataError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

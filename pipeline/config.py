@@ -314,7 +314,8 @@ def coerce_value(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected str, got {_show(value)}" + (" (quote it)" if isinstance(value, bool) else ""))
+        tip = " (quote it)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key}: expected str, got {_show(value)}{tip}")
     raise TypeError(f"{key}: unsupported config type {hint!r}")
 
 

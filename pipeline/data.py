@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -40,13 +41,15 @@ class CorpusRows(list):
     """The rows `read_corpus` returns: a plain list with the read's bookkeeping attached.
 
     ``num_read``: rows seen (good and bad); ``num_skipped``: bad rows quarantined in skip mode;
-    ``quarantine_path``: where they went (None when there were none or no path was given); ``files``: files read.
+    ``quarantine_path``: where they went (None when there were none or no path was given); ``files``: files read;
+    ``bad``: the quarantined records ``{file, line, reason, raw}`` themselves.
     """
 
     num_read: int = 0
     num_skipped: int = 0
     quarantine_path: str | None = None
     files: list[str]
+    bad: list[dict]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,43 +109,110 @@ def _iter_json(path: Path) -> Iterator[tuple[str, int, Any, Any]]:
     if not head.startswith("["):
         yield from _iter_json_lines(path)
         return
+    raw = path.read_bytes()
     try:
-        items = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise DataError(f"{path}{where}: malformed JSON ({getattr(e, 'msg', e)})") from None
+        items = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        line = raw[:offset].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte {raw[offset]:#04x}; save the file as UTF-8)") \
+            from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
     for number, item in enumerate(items, start=1):
         yield "item", number, item, item
 
 
+class _Lines:
+    """The lines of a text file for `csv.reader`, decoded one at a time so that a byte that is not UTF-8 is reported
+    with its line (``bad[line]``) instead of stopping the whole read at a byte offset. Lines end at \\n, \\r\\n or a
+    lone \\r (as a file opened with newline="" splits them); ``first`` is the first line since the caller last
+    cleared it (the raw text of a bad record). Lines up to ``skip`` are read but not handed on."""
+
+    def __init__(self, path: Path, skip: int = 0):
+        self.path, self.skip, self.number = path, skip, 0
+        self.bad: dict[int, str] = {}
+        self.first: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as fh:
+            for raw in fh:
+                for part in _split_lone_cr(raw):
+                    self.number += 1
+                    try:
+                        line = part.decode("utf-8-sig" if self.number == 1 else "utf-8")
+                    except UnicodeDecodeError as e:
+                        self.bad[self.number] = (f"not valid UTF-8 (byte {part[e.start]:#04x} at column "
+                                                 f"{e.start + 1}; save the file as UTF-8)")
+                        line = part.decode("utf-8", "replace")
+                    if self.number <= self.skip:
+                        continue
+                    if self.first is None:
+                        self.first = line.rstrip("\r\n")
+                    yield line
+
+
+def _split_lone_cr(raw: bytes) -> list[bytes]:
+    if b"\r" not in raw:
+        return [raw]
+    return [part for part in _LONE_CR.split(raw) if part]
+
+
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
 def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, int, Any, Any]]:
+    """CSV/TSV records as (label, line, raw, dict or DataError). Read strictly: a quote that is never closed (which a
+    lenient reader turns into one field holding the rest of the file), text after a closing quote, a line that is
+    not UTF-8 or a wrong number of fields is a bad record at its line; after an unclosed quote, reading goes on
+    at the next line."""
+    kind = path.suffix[1:] or "csv"
+    lines = _Lines(path)
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, delimiter=delimiter)
-            try:
-                header = next(reader)
-            except StopIteration:
-                return
-            header = [h.strip() for h in header]
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise DataError(f"{path} line {reader.line_num}: malformed {path.suffix[1:] or 'csv'} ({e})") \
-                        from None
-                number = reader.line_num
-                if not any(v.strip() for v in values):
-                    continue
-                record = dict(zip(header, values))
-                if len(values) != len(header):
-                    yield "line", number, record, DataError(
-                        f"expected {len(header)} fields (header), found {len(values)}")
-                    continue
-                yield "line", number, record, record
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"{path} line {lines.number}: malformed {kind} header ({e})") from None
+    if lines.bad:
+        line, reason = next(iter(lines.bad.items()))
+        raise DataError(f"{path} line {line}: {reason}")
+    header = [h.strip() for h in header]
+    base, done = 0, reader.line_num      # line numbers: base + reader.line_num; `done` = last line of a record read
+    while True:
+        lines.first = None
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            begin, end = done + 1, base + reader.line_num
+            if "unexpected end of data" in str(e):       # EOF inside quotes: the quote opened at `begin` never closes
+                reason = f"unterminated quoted field (a quote opened on line {begin} is never closed)"
+            else:
+                reason = f"malformed {kind} ({e})" + (f"; is the quote opened on line {begin} closed?"
+                                                      if end > begin else "")
+            yield "line", begin, lines.first, DataError(reason)
+            if end > begin:         # the bad record swallowed the lines after it: go on with the next line
+                lines = _Lines(path, skip=begin)
+                reader = csv.reader(lines, delimiter=delimiter, strict=True)
+                base = done = begin
+            else:
+                done = end
+            continue
+        begin, done = done + 1, base + reader.line_num
+        bad = [(n, r) for n, r in lines.bad.items() if begin <= n <= done]
+        if not any(v.strip() for v in values) and not bad:
+            continue
+        record = dict(zip(header, values))
+        if bad:
+            yield "line", bad[0][0], lines.first, DataError(bad[0][1])
+            continue
+        if len(values) != len(header):
+            yield "line", done, record, DataError(f"expected {len(header)} fields (header), found {len(values)}")
+            continue
+        yield "line", done, record, record
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, int, Any, Any]]:
@@ -212,7 +282,7 @@ def _corpus_row(obj: Any, id_field: str, text_field: str, title_field: str) -> d
 
 def read_corpus(path: str | os.PathLike, fmt: str | None = None, on_bad_rows: str = "fail",
                 quarantine_path: str | os.PathLike | None = None, *, id_field: str = "id",
-                text_field: str = "text", title_field: str = "title") -> CorpusRows:
+                text_field: str = "text", title_field: str = "title", defer_quarantine: bool = False) -> CorpusRows:
     """Read and validate corpus rows ``{id: str, title: str, text: str}`` from a file or a directory of files.
 
     A non-empty ``doc_id`` in the source is kept (as str) so chunking and metrics can group passages by document.
@@ -223,12 +293,15 @@ def read_corpus(path: str | os.PathLike, fmt: str | None = None, on_bad_rows: st
     "text"``); ``"skip"`` writes each bad row to ``quarantine_path`` as ``{file, line, reason, raw}`` and counts it
     (``result.num_skipped``). An empty file, an unknown format or a read with no good rows is always an error.
     ``id_field``/``text_field``/``title_field`` name the source columns (e.g. ``text_field="passage"``).
+    ``defer_quarantine=True``: a read that succeeds writes nothing; the caller writes ``result.bad`` to
+    ``quarantine_path`` once its own output is in place (`write_quarantine`), so that a command that refuses
+    afterwards leaves no file behind. A read with no good rows still writes the quarantine, which explains it.
     """
     if on_bad_rows not in ("fail", "skip"):
         raise ValueError(f"on_bad_rows must be 'fail' or 'skip', got {on_bad_rows!r}")
     rows = CorpusRows()
     rows.files = []
-    bad: list[dict] = []
+    rows.bad = bad = []
     first_seen: dict[str, str] = {}
     for file, file_fmt in _list_files(path, fmt):
         rows.files.append(str(file))
@@ -253,8 +326,8 @@ def read_corpus(path: str | os.PathLike, fmt: str | None = None, on_bad_rows: st
     rows.num_skipped = len(bad)
     if bad:
         if quarantine_path is not None:
-            write_jsonl(bad, quarantine_path)
-            rows.quarantine_path = str(quarantine_path)
+            if not defer_quarantine or not rows:
+                write_quarantine(rows, quarantine_path)
         else:
             warnings.warn(f"read_corpus skipped {len(bad)} bad rows and no quarantine_path was given; first: "
                           f"{bad[0]['file']} line {bad[0]['line']}: {bad[0]['reason']}", stacklevel=2)
@@ -262,6 +335,12 @@ def read_corpus(path: str | os.PathLike, fmt: str | None = None, on_bad_rows: st
         where = f"; see {quarantine_path}" if bad and quarantine_path is not None else ""
         raise DataError(f"{path}: no valid rows (all {rows.num_read} rows were bad{where})")
     return rows
+
+
+def write_quarantine(rows: CorpusRows, quarantine_path: str | os.PathLike) -> None:
+    """Write the bad records of a read (``rows.bad``) to ``quarantine_path`` as JSON lines (atomically)."""
+    write_jsonl(rows.bad, quarantine_path)
+    rows.quarantine_path = str(quarantine_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,6 +416,19 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_passage_output(out_dir: str | os.PathLike) -> None:
+    """Raise FileExistsError unless `write_passages` may write ``out_dir``: absent, an empty directory, or a passage
+    directory (it holds ``passages.json``) that the new passages replace. Commands call it before reading input."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory; refusing to replace it")
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists():
+        raise FileExistsError(f"{out_dir} is a non-empty directory that is not a passage directory; "
+                              "refusing to replace it")
+
+
 def write_passages(rows: list[dict], out_dir: str | os.PathLike, shard_size: int = 50_000) -> dict:
     """Write passages as Parquet shards plus a ``passages.json`` manifest; returns the manifest.
 
@@ -349,9 +441,7 @@ def write_passages(rows: list[dict], out_dir: str | os.PathLike, shard_size: int
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not rows:
         raise DataError(f"{out_dir}: no passages to write")
-    if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{out_dir} is a non-empty directory that is not a passage directory; "
-                              "refusing to replace it")
+    check_passage_output(out_dir)
     ids = [str(r["id"]) for r in rows]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()

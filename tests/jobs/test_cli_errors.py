@@ -68,3 +68,78 @@ def test_every_command_has_help(command, capsys):
         cli.main([command, "--help"])
     assert exc.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- config files (issue 15 item 4, issue 18 items 9-10)
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Config errors must come before Ray starts: starting it fails the test."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init called before the config was checked")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("train:\n  max_steps: abc\n", "train.max_steps: expected int, got 'abc'"),
+    ("train:\n  max_steps: [1, 2]\n", "train.max_steps: expected int, got [1, 2]"),
+    ("train:\n  max_steps: 2.5\n", "train.max_steps: expected int, got 2.5 (not a whole number)"),
+    ("train:\n  max_stepz: 3\n", "train: unknown key(s) max_stepz (did you mean max_steps?)"),
+    ("trian:\n  max_steps: 3\n", "top level: unknown key(s) trian (did you mean train?)"),
+    ("index:\n  encode_batch_size: 64\n", "index.encode_batch_size: renamed to index.encode_map_batch_size"),
+    ("train:\n  k: 3\n   max_steps: [1\n", "line 3, column 13: not valid YAML: mapping values are not allowed here"),
+])
+def test_train_config_errors_name_key_and_file_before_ray(files, tmp_path, capsys, no_ray, text, expect):
+    corpus, qa = files
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    out = tmp_path / "out"
+    rc = train.main(["--config", str(config), "--corpus", str(corpus), "--train-qa", str(qa), "--eval-qa", str(qa),
+                     "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"error: {config}" in err and expect in err
+    assert "Traceback" not in err and "<unicode string>" not in err
+    assert not out.exists()
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_reach_the_run_as_numbers(files, tmp_path, capsys, no_ray):
+    corpus, qa = files
+    config = tmp_path / "run.yaml"
+    config.write_text("retriever:\n  lr: 1e-3\n  tau: 5e-2\ntrain:\n  max_steps: 1e2\n  k: 0\n")
+    rc = train.main(["--config", str(config), "--corpus", str(corpus), "--train-qa", str(qa), "--eval-qa", str(qa),
+                     "--output-dir", str(tmp_path / "out")])
+    # the values are numbers now, so validation (not a TypeError in config.py) is what stops the run: train.k=0
+    assert rc == 2 and "train.k: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_malformed_config_names_file_and_line(tmp_path, capsys, no_ray):
+    from jobs import demo
+
+    config = tmp_path / "demo.yaml"
+    config.write_text("train:\n\tk: 3\n")
+    assert demo.main(["--config", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{config} line 2, column 1: not valid YAML" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- index/encode --passages (issue 18 item 10)
+
+@pytest.mark.parametrize("command", ["index", "encode"])
+def test_passages_that_is_a_file_says_so_and_names_ingest(files, tmp_path, capsys, no_ray, command):
+    corpus, _ = files
+    out = tmp_path / "out"
+    assert cli.main([command, "--passages", str(corpus), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{corpus} is a file, not a passage directory" in err and "latentrag ingest" in err
+    assert "not found" not in err
+    assert not out.exists()
+
+
+def test_missing_passages_directory_names_ingest(tmp_path, capsys, no_ray):
+    assert cli.main(["index", "--passages", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "passages directory not found" in err and "latentrag ingest" in err

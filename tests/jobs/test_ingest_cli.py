@@ -123,3 +123,50 @@ def test_cli_dispatches_ingest(tmp_path):
     corpus = _corpus(tmp_path / "corpus.jsonl", [{"id": "a", "text": "x"}])
     assert cli_main(["ingest", "--corpus", str(corpus), "--out", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "passages.json").exists()
+
+
+@pytest.mark.parametrize("foreign", ["dir", "file"])
+def test_refused_out_leaves_no_quarantine_file(tmp_path, capsys, foreign):
+    corpus = _corpus(tmp_path / "corpus.jsonl", [{"id": "a", "text": "x"}, {"id": "b"}])
+    out = tmp_path / "mine"
+    if foreign == "dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")
+    else:
+        out.write_text("keep")
+    assert main(["--corpus", str(corpus), "--out", str(out), "--on-bad-rows", "skip"]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err
+    assert not (tmp_path / "mine.quarantine.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "mine"]
+
+
+def test_failed_write_after_reading_leaves_no_quarantine_file(tmp_path, capsys):
+    # a row "a" split into windows a#0, a#1 collides with a source row named "a#0": refused after the read
+    long_text = " ".join(f"w{i}" for i in range(30))
+    corpus = _corpus(tmp_path / "corpus.jsonl", [{"id": "a", "text": long_text}, {"id": "a#0", "text": "y"},
+                                                 {"id": "bad"}])
+    out = tmp_path / "passages"
+    assert main(["--corpus", str(corpus), "--out", str(out), "--on-bad-rows", "skip", "--chunk-words", "20",
+                 "--chunk-overlap", "5"]) == 2
+    assert "collides" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "passages.quarantine.jsonl").exists()
+
+
+def test_ingest_unterminated_csv_quote_exit_2_with_line(tmp_path, capsys):
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text('id,text\np1,"Alpha is red.\np2,Beta is blue.\n')
+    out = tmp_path / "p"
+    assert main(["--corpus", str(corpus), "--out", str(out)]) == 2
+    assert f"{corpus} line 2: unterminated quoted field" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["--corpus", str(corpus), "--out", str(out), "--on-bad-rows", "skip"]) == 0
+    assert read_passages(out).column("id").to_pylist() == ["p2"]
+    assert [b["line"] for b in read_jsonl(tmp_path / "p.quarantine.jsonl")] == [2]
+
+
+def test_ingest_latin1_csv_names_the_line(tmp_path, capsys):
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_bytes("id,text\np1,Alpha\np2,Café\n".encode("latin-1"))
+    assert main(["--corpus", str(corpus), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"{corpus} line 3: not valid UTF-8" in err and "at byte" not in err

@@ -341,3 +341,76 @@ def test_write_jsonl_atomic(tmp_path, monkeypatch):
         write_jsonl(rows(), path)
     assert read_jsonl(path) == [{"a": 1}, {"b": "é"}]  # old content intact
     assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]  # temp file removed
+
+
+# ---------------------------------------------------------------- CSV/TSV read strictly (issue 18 item 10)
+
+def test_unterminated_csv_quote_fails_with_file_and_line(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text('id,text\np1,"Alpha is red.\np2,Beta is blue.\np3,Gamma.\n')
+    with pytest.raises(DataError, match=r'c\.csv line 2: unterminated quoted field \(a quote opened on line 2'):
+        read_corpus(f)
+
+
+def test_unterminated_csv_quote_is_quarantined_and_the_rows_after_it_kept(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text('id,text\np1,"Alpha is red.\np2,Beta is blue.\n\np3,"Gamma\nspans two lines"\n')
+    q = tmp_path / "q.jsonl"
+    rows = read_corpus(f, on_bad_rows="skip", quarantine_path=q)
+    assert [(r["id"], r["text"]) for r in rows] == [("p2", "Beta is blue."), ("p3", "Gamma\nspans two lines")]
+    [bad] = read_jsonl(q)
+    assert bad["line"] == 2 and "quote opened on line 2" in bad["reason"] and bad["raw"] == 'p1,"Alpha is red.'
+
+
+def test_text_after_a_closing_quote_is_a_bad_row(tmp_path):
+    f = tmp_path / "c.tsv"
+    f.write_text('id\ttext\np1\t"Alpha"x\np2\tBeta\n')
+    with pytest.raises(DataError, match=r"c\.tsv line 2: malformed tsv"):
+        read_corpus(f)
+    rows = read_corpus(f, on_bad_rows="skip", quarantine_path=tmp_path / "q.jsonl")
+    assert [r["id"] for r in rows] == ["p2"]
+
+
+def test_quoted_multiline_field_and_crlf_still_read(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_bytes(b'id,text\r\np1,"two\r\nlines"\r\np2,plain\r\n')
+    rows = read_corpus(f)
+    assert [(r["id"], r["text"]) for r in rows] == [("p1", "two\r\nlines"), ("p2", "plain")]
+
+
+def test_latin1_csv_names_the_line_not_a_byte_offset(tmp_path):
+    f = tmp_path / "latin.csv"
+    f.write_bytes("id,text\np1,Alpha\np2,Café au lait\np3,Gamma\n".encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        read_corpus(f)
+    message = str(info.value)
+    assert message.startswith(f"{f} line 3: not valid UTF-8 (byte 0xe9") and "at byte" not in message
+    rows = read_corpus(f, on_bad_rows="skip", quarantine_path=tmp_path / "q.jsonl")
+    assert [r["id"] for r in rows] == ["p1", "p3"]
+    assert [b["line"] for b in read_jsonl(tmp_path / "q.jsonl")] == [3]
+
+
+def test_latin1_qa_csv_and_json_array_name_the_line(tmp_path):
+    qa = tmp_path / "qa.csv"
+    qa.write_bytes("question,answer\nwho?,Zoë\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"qa\.csv line 2: not valid UTF-8"):
+        read_qa(qa)
+    arr = tmp_path / "c.json"
+    arr.write_bytes('[{"id": "a", "text": "x"},\n {"id": "b", "text": "café"}]\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"c\.json line 2: not valid UTF-8 \(byte 0xe9"):
+        read_corpus(arr)
+
+
+def test_deferred_quarantine_is_written_by_the_caller(tmp_path):
+    from pipeline.data import write_quarantine
+
+    f = _jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "x"}, {"id": "b"}])
+    q = tmp_path / "q.jsonl"
+    rows = read_corpus(f, on_bad_rows="skip", quarantine_path=q, defer_quarantine=True)
+    assert not q.exists() and rows.num_skipped == 1 and rows.bad[0]["line"] == 2
+    write_quarantine(rows, q)
+    assert read_jsonl(q)[0]["reason"] == 'missing "text"' and rows.quarantine_path == str(q)
+    all_bad = _jsonl(tmp_path / "bad.jsonl", [{"id": "b"}])
+    with pytest.raises(DataError, match="no valid rows"):
+        read_corpus(all_bad, on_bad_rows="skip", quarantine_path=tmp_path / "q2.jsonl", defer_quarantine=True)
+    assert len(read_jsonl(tmp_path / "q2.jsonl")) == 1      # the failure's explanation is still written
