@@ -251,7 +251,7 @@ def _validate_refresh_impl(cfg: "Config") -> None:
         raise ConfigError(f"index.refresh_cpus: must be > 0, got {cfg.index.refresh_cpus}")
 
 
-# Keys that were renamed: (section, old key) -> new key. The old key is refused with a message naming the new one.
+# Renamed keys: (section, old key) -> (new key, why). The old key is refused with a message naming the new one.
 RENAMED = {
     ("index", "encode_batch_size"): ("encode_map_batch_size", "it is the number of passages per Ray Data "
                                      "map_batches call, not the forward-pass batch"),
