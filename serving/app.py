@@ -444,6 +444,25 @@ def _log_failure(rid: str, what: str) -> None:
     logger.exception("request %s: %s failed", rid, what)
 
 
+# Everything the Ingress's routes use is defined above it: serve.ingress freezes a copy of the FastAPI app, with the
+# module globals its routes refer to, when the class is decorated.
+async def sse_events(events, done, rid: str):
+    """Generator stream events -> SSE text: `token` events, then `done` (done(Answer)) or one short `error` event
+    {detail, request_id}; whatever fails here is logged under the request id, never sent to the client."""
+    try:
+        async for event in events:
+            if "token" in event:
+                yield _sse("token", {"text": event["token"]})
+            elif "error" in event:
+                yield _sse("error", errors.error_body(errors.failure("generation", rid), rid))
+                return
+            else:
+                yield _sse("done", done(event["done"]))
+    except Exception:  # noqa: BLE001 - headers are sent already: report in-band, briefly
+        _log_failure(rid, "streaming")
+        yield _sse("error", errors.error_body(errors.failure("generation", rid), rid))
+
+
 @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=256, max_queued_requests=512,
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
@@ -612,23 +631,6 @@ class Ingress:
             previous, self.active = self.active, new
             self.reloads += 1
             return ReloadResponse(previous=previous.admin(), current=new.admin(), seconds=round(time.time() - t, 3))
-
-
-async def sse_events(events, done, rid: str):
-    """Generator stream events -> SSE text: `token` events, then `done` (done(Answer)) or one short `error` event
-    {detail, request_id}; whatever fails here is logged under the request id, never sent to the client."""
-    try:
-        async for event in events:
-            if "token" in event:
-                yield _sse("token", {"text": event["token"]})
-            elif "error" in event:
-                yield _sse("error", errors.error_body(errors.failure("generation", rid), rid))
-                return
-            else:
-                yield _sse("done", done(event["done"]))
-    except Exception:  # noqa: BLE001 - headers are sent already: report in-band, briefly
-        _log_failure(rid, "streaming")
-        yield _sse("error", errors.error_body(errors.failure("generation", rid), rid))
 
 
 # --------------------------------------------------------------------------------------------- building

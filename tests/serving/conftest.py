@@ -3,6 +3,7 @@ copy-bart generator, written with pipeline.checkpoint.save_checkpoint (no traini
 import socket
 
 import pytest
+from serve_testlib import BODY_LIMIT, TOKEN
 
 from serving.app import use_serve_throughput_env
 
@@ -64,3 +65,28 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tiny_checkpoints, free_port):
+    """The application on 127.0.0.1 (checkpoint A), and a second one with tiny queue limits and default_k=2 under
+    /tight. Session-scoped: test_app.py and test_fuzz.py share it."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    a, _, _ = tiny_checkpoints
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port})
+    zero = {"ray_actor_options": {"num_cpus": 0}}
+    light = {name: dict(zero) for name in ("Ingress", "Retriever", "Generator")}
+    serve.run(build_app({"checkpoint": str(a), "admin_token": TOKEN, "max_batch_size": 8,
+                         "batch_wait_timeout_s": 0.005, "generator_threads": 1, "max_body_bytes": BODY_LIMIT}, light),
+              name="latentrag-test", route_prefix="/")
+    # a second application with tiny queue limits, for the overload test
+    tight = {**light, "Ingress": {**zero, "max_ongoing_requests": 1, "max_queued_requests": 1}}
+    serve.run(build_app({"checkpoint": str(a), "generator_threads": 1, "default_k": 2}, tight),
+              name="latentrag-tight", route_prefix="/tight")
+    yield f"http://127.0.0.1:{free_port}"
+    serve.delete("latentrag-test")
+    serve.delete("latentrag-tight")
+    serve.shutdown()
