@@ -43,7 +43,7 @@ def _check_question(value: str) -> str:
 
 QUESTION_DOC = (f"the question (1 to {MAX_QUESTION_CHARS} characters after stripping; control and format "
                 "characters do not count). The generator reads at most half its input length of question tokens "
-                "(64 of 128 for the default generator): a longer question is truncated there, and the retriever "
+                "(61 of 128 for the embedded generator): a longer question is truncated there, and the retriever "
                 "truncates at its encoder's max length.")
 K_DOC = "(default: the server's default_k, at most the number of indexed passages)"
 
