@@ -296,7 +296,7 @@ def bench_refresh(passages: Path, work: Path, steps: int, cores: int, refresh_th
     base1 = timed(steps)
     cfg = load_config(None, ["retriever.train_passage_encoder=true", "index.refresh_schedule=1-2:1",
                              f"index.threads_per_actor={refresh_threads}", "index.refresh_cpus=0.5",
-                             "index.encode_batch_size=512"])
+                             "index.encode_map_batch_size=512"])
     refresher = IndexRefresher(parse_refresh_schedule(cfg.index.refresh_schedule),
                                RayRefreshBuilder(str(passages), str(root), cfg.index), work / "snapshots")
     index, switched_at, s = load_index(v1), None, 0

@@ -54,7 +54,7 @@ class RayRefreshBuilder:
         cpus = float(index_cfg.refresh_cpus)
         self.cpus = cpus
         self.kwargs = {"index_type": index_cfg.type, "num_actors": index_cfg.encode_actors,
-                       "batch_size": index_cfg.encode_batch_size, "threads_per_actor": index_cfg.threads_per_actor,
+                       "batch_size": index_cfg.encode_map_batch_size, "threads_per_actor": index_cfg.threads_per_actor,
                        "cpus_per_actor": cpus, "build_cpus": cpus, "read_cpus": cpus}
 
     def submit(self, encoder_dir: str, step: int):

@@ -263,53 +263,142 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- driver side
-def prepare_passages(corpus: str, output_dir: Path, cfg: Config) -> Path:
-    """An ingested passages directory: `corpus` itself when it already is one, else ingest it."""
-    from pipeline.data import chunk_passages, read_corpus, write_passages
+RUN_STATE = "run.json"      # OUTPUT_DIR/run.json: the Ray Train run name and MLflow run that --resume continues
+
+
+def read_passage_source(corpus: str, cfg: Config) -> tuple[Path | None, list[dict] | None, int]:
+    """(ingested directory, None, count) when `corpus` already is one, else (None, chunked rows, count):
+    read into memory, nothing written yet, so settings can be checked against the count first."""
+    from pipeline.data import chunk_passages, read_corpus, read_manifest
 
     corpus_path = Path(corpus)
     if not corpus_path.exists():
         raise DataError(f"corpus not found: {corpus}")
     if corpus_path.is_dir() and (corpus_path / "passages.json").exists():
-        return corpus_path
-    rows = read_corpus(corpus_path)
-    rows = chunk_passages(rows, max_words=cfg.data.chunk_words, overlap=cfg.data.chunk_overlap)
+        return corpus_path, None, int(read_manifest(corpus_path)["count"])
+    rows = chunk_passages(read_corpus(corpus_path), max_words=cfg.data.chunk_words, overlap=cfg.data.chunk_overlap)
+    return None, rows, len(rows)
+
+
+def write_passage_rows(rows: list[dict], output_dir: Path) -> Path:
+    from pipeline.data import write_passages
+
     out = output_dir / "passages"
     write_passages(rows, out)
     _log(f"[ingest] {len(rows)} passages -> {out}")
     return out
 
 
+def prepare_passages(corpus: str, output_dir: Path, cfg: Config) -> Path:
+    """An ingested passages directory: `corpus` itself when it already is one, else ingest it."""
+    existing, rows, _ = read_passage_source(corpus, cfg)
+    return existing if existing is not None else write_passage_rows(rows, output_dir)
+
+
+def check_k_fits(cfg: Config, num_passages: int, where: str) -> None:
+    """train.k / eval.k / rerank_top_m above the number of passages fail inside a Ray worker after ingest, encode
+    and index; refuse them while nothing is written."""
+    for key, k in (("train.k", cfg.train.k), ("eval.k", cfg.eval.k), ("index.rerank_top_m", cfg.index.rerank_top_m)):
+        if k > num_passages:
+            raise ConfigError(f"{key}={k}: more passages per question than {where} holds ({num_passages})")
+
+
+def plan_resume(output_dir: Path) -> dict:
+    """What `--resume` continues from, decided before anything runs.
+
+    - The interrupted (or finished) Ray Train run named in OUTPUT_DIR/run.json: rerunning it under the same name
+      and storage path makes Ray Train restore its newest reported checkpoint (`ray.train.get_checkpoint()` in
+      the workers), which a killed or interrupted driver leaves under ray_results/.
+    - Else OUTPUT_DIR/checkpoint (a run copied from elsewhere: the model, trainer state and step it holds).
+    Returns {"ray_run_name" | "checkpoint", "step", "mlflow_run_id", "tracking_uri"}; raises ConfigError when
+    there is nothing to resume."""
+    from ray.train import Result
+
+    from pipeline.checkpoint import read_checkpoint_meta
+
+    state_file = output_dir / RUN_STATE
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    plan = {"mlflow_run_id": state.get("mlflow_run_id"), "tracking_uri": state.get("tracking_uri")}
+    run_dir = output_dir / "ray_results" / str(state.get("ray_run_name"))
+    if state.get("ray_run_name") and run_dir.is_dir():
+        step = 0
+        try:
+            latest = Result.from_path(str(run_dir)).checkpoint
+        except RuntimeError:                      # interrupted before its first report: no snapshot yet
+            latest = None
+        if latest is not None:
+            step = int(read_checkpoint_meta(latest.path)["step"])
+        return {**plan, "ray_run_name": state["ray_run_name"], "step": step}
+    if (output_dir / "checkpoint" / "rag.json").exists():
+        meta = read_checkpoint_meta(output_dir / "checkpoint")
+        return {**plan, "checkpoint": str(output_dir / "checkpoint"), "step": int(meta["step"])}
+    raise ConfigError(f"--resume: nothing to resume in {output_dir} (no {RUN_STATE} of an earlier run and no "
+                      "checkpoint/); run without --resume to start")
+
+
+def _write_run_state(output_dir: Path, **state) -> None:
+    write_json({"status": "running", **state}, output_dir / RUN_STATE)
+
+
+def _start_or_reattach_tracker(cfg: Config, output_dir: Path, plan: dict | None):
+    """The MLflow run: on --resume the interrupted run itself (back to RUNNING), else a new one."""
+    from pipeline.tracking import Tracker, default_tracking_uri
+
+    uri = default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)
+    if plan and plan.get("mlflow_run_id") and plan.get("tracking_uri") == uri:
+        tracker = Tracker.attach(uri, plan["mlflow_run_id"])
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        tracker.client.set_tag(tracker.run_id, f"resumed_at_step_{plan['step']}", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return tracker, False
+    tracker = Tracker.start(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, tags={"estimator": cfg.train.estimator},
+                            artifact_location=output_dir / "mlartifacts")
+    return tracker, True
+
+
 def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path | None = None,
                  train_rows: list | None = None, dev_rows: list | None = None, eval_rows: list | None = None,
                  resume: bool = False, tracker=None, index_dir: str | Path | None = None) -> dict:
-    """The whole recipe on a running (or freshly started) Ray. Returns the metrics written to metrics.json."""
+    """The whole recipe on a running (or freshly started) Ray. Returns the metrics written to metrics.json.
+    `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from jobs.guard import DriverGuard
     from jobs.index import build_index
     from pipeline.checkpoint import load_checkpoint
     from pipeline.evaluation import evaluate
     from pipeline.index import load_index
-    from pipeline.tracking import Tracker, default_tracking_uri
 
     output_dir = Path(output_dir).resolve()
+    plan = plan_resume(output_dir) if resume else None       # nothing to resume: refused before any write
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
     save_config(cfg, output_dir / "config.yaml")
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
 
     own_tracker = tracker is None
+    new_run = True
     if own_tracker:
-        uri = default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)
-        tracker = Tracker.start(uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
-                                tags={"estimator": cfg.train.estimator},
-                                artifact_location=output_dir / "mlartifacts")
-    tracker.log_params(cfg.flat())
+        tracker, new_run = _start_or_reattach_tracker(cfg, output_dir, plan)
+    if new_run:
+        tracker.log_params(cfg.flat())
     _log(f"[mlflow] run {tracker.run_id} at {tracker.tracking_uri}")
+    # a fresh name per run: Ray Train restores a same-named run from its last checkpoint, which must only happen
+    # after a worker failure inside this run or on --resume of this run
+    ray_run_name = plan.get("ray_run_name") if plan else None
+    ray_run_name = ray_run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{tracker.run_id[:8]}"
+    _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
+                     tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps)
+    guard = DriverGuard(tracker.tracking_uri, tracker.run_id, output_dir / RUN_STATE) if own_tracker else None
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    watch_ray = guard.watch_local_ray if guard is not None and own_ray else (lambda: 0)
+    watch_ray()                            # the local Ray this driver started goes when the driver is killed
+    if plan:
+        _log(f"[train] resuming {output_dir} at step {plan['step']} of {cfg.train.max_steps} "
+             f"({'Ray Train run ' + plan['ray_run_name'] if 'ray_run_name' in plan else plan['checkpoint']})")
     try:
         # 1. index: encode passages with Ray Data and build a FAISS index version
         if index_dir is None:
@@ -343,21 +432,24 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
             train_loop_config={"cfg": cfg.to_dict(), "index_dir": str(index.path), "train_rows": train_rows,
                                "dev_rows": dev_rows or [], "tracking_uri": tracker.tracking_uri,
                                "run_id": tracker.run_id,
-                               "resume_from": str(output_dir / "checkpoint") if resume else None},
+                               "resume_from": plan.get("checkpoint") if plan else None},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
             run_config=RunConfig(
-                # a fresh name per run: Ray Train restores a same-named run from its last checkpoint, which must
-                # only happen after a worker failure inside this run (`--resume` uses OUTPUT_DIR/checkpoint)
-                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{tracker.run_id[:8]}", storage_path=str(storage),
+                name=ray_run_name, storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=2,
                     checkpoint_score_attribute="dev_score" if use_dev else None,
                     checkpoint_score_order="max")),
         )
+        watch_ray()                        # and whatever Ray has started since (agents, Ray Data actors)
         t = time.time()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit as exc:
+            # Ray Train's SIGINT handler aborts the run, then leaves through sys.exit(0)
+            raise KeyboardInterrupt("training aborted by SIGINT") from exc
         train_seconds = time.time() - t
         if result.error:
             raise RuntimeError(f"training failed: {result.error}")
@@ -378,7 +470,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         final, predictions = evaluate(model, eval_rows, k=cfg.eval.k, estimator=cfg.train.estimator,
                                       decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,
                                       max_questions=cfg.eval.max_questions)
-        metrics = {**final, "estimator": cfg.train.estimator, "strategy": cfg.train.strategy,
+        metrics = {**final, "k": cfg.eval.k, "estimator": cfg.train.estimator, "strategy": cfg.train.strategy,
                    "index_version": model.index.version, "index_dir": str(model.index.path), "steps": meta["step"],
                    "train_seconds": round(train_seconds, 1), "initial": initial,
                    "mlflow_run_id": tracker.run_id}
@@ -394,13 +486,22 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
                 tracker.log_artifact(final_dir / name, f"model/{name}" if (final_dir / name).is_dir() else "model")
         tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
         _log("[eval] trained:   " + _fmt(final))
+        _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
+                         tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps, status="finished")
         if own_tracker:
             tracker.end()
         return metrics
-    except BaseException:
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
+                         tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps,
+                         status="interrupted" if interrupted else "failed")
         if own_tracker:
-            tracker.end("FAILED")
+            tracker.end("KILLED" if interrupted else "FAILED")
         raise
+    finally:
+        if guard is not None:
+            guard.close()
 
 
 def check_model_paths(cfg: Config) -> None:
@@ -459,12 +560,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set retriever.lr=1e-5 (repeatable)")
     p.add_argument("--index", help="an existing index root or version directory (skip encoding)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT_DIR from its newest checkpoint (after Ctrl-C, a killed driver or "
+                        "a finished run with a larger --max-steps) up to train.max_steps")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    output_dir = Path(args.output_dir or "OUTPUT_DIR")
     try:
         overrides = list(args.set)
         for flag, key in ((args.estimator, "train.estimator"), (args.max_steps, "train.max_steps"),
@@ -478,19 +582,32 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(cfg.data, key):
                 raise ConfigError(f"data.{key}: required (--{key.replace('_', '-')} or the config)")
         output_dir = Path(cfg.output_dir)
-        check_model_paths(cfg)                      # before anything is written
+        # everything below up to run_training only reads: a refused setting leaves no output behind
+        check_model_paths(cfg)
+        if args.resume:
+            plan_resume(output_dir.resolve())
         train_rows = read_qa(cfg.data.train_qa)
         eval_rows = read_qa(cfg.data.eval_qa)
         dev_rows = read_qa(cfg.data.dev_qa) if cfg.data.dev_qa else None
+        passages = rows = None
         if args.index is None:
-            passages = prepare_passages(cfg.data.corpus, output_dir, cfg)
+            passages, rows, count = read_passage_source(cfg.data.corpus, cfg)
+            check_k_fits(cfg, count, f"the corpus {cfg.data.corpus}")
         else:
-            passages = None
+            from pipeline.index import read_manifest
+
+            check_k_fits(cfg, int(read_manifest(args.index)["count"]), f"the index {args.index}")
+        if rows is not None:
+            passages = write_passage_rows(rows, output_dir)
         metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,
                                index_dir=args.index)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: checkpoints up to the last train.checkpoint_every step are kept in {output_dir}; "
+              "continue with the same command and --resume", file=sys.stderr)
+        return 130
     print(results_table(metrics))
     print(f"metrics -> {output_dir / 'metrics.json'}")
     return 0

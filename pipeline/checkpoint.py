@@ -72,7 +72,8 @@ def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tu
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=path / "config.yaml",
+                    upgrade_renamed=True)
     index = load_index(index_dir or meta["index_dir"],
                        expected_encoder_fingerprint=meta.get("index_encoder_fingerprint") if index_dir is None else None)
     posterior = load_encoder(path / "posterior_encoder") if (path / "posterior_encoder").is_dir() else None

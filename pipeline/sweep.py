@@ -134,7 +134,7 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None = Non
     sweep_values = values.pop("sweep", None) or {}
     if not isinstance(sweep_values, dict):
         raise ConfigError("sweep: expected a mapping")
-    cfg = from_dict(values)
+    cfg = from_dict(values, source=path)
     for item in overrides or []:
         if item.strip().startswith("sweep."):
             key, _, raw = item.partition("=")

@@ -1,0 +1,162 @@
+"""Real signals to the training driver (`python -m jobs.train` in its own process, with its own local Ray).
+
+- SIGINT mid-run: exit 130 with a hint that names --resume, the MLflow run KILLED, run.json "interrupted";
+  `--resume` continues from the newest reported checkpoint and ends at the planned step, training exactly the
+  examples an uninterrupted run would, in the same MLflow run.
+- SIGKILL mid-run (no handler runs): the guard marks the MLflow run KILLED and stops the local Ray the driver
+  started; `--resume` then finishes the run.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.index import load_index, passage_text, write_index_version
+from pipeline.models.retriever import TextEncoder, encoder_fingerprint
+from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
+from pipeline.training import DataOrder
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_STEPS, CKPT_EVERY, BATCH, SEED = 30, 10, 2, 0
+
+
+@pytest.fixture(scope="module")
+def kb_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kb")
+    kb = generate_knowledge_base(seed=0, num_entities=12)
+    write_knowledge_base(kb, root / "data")
+    enc = TextEncoder("minilm")
+    texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
+    write_index_version(root / "index", enc.encode(texts).numpy(), [x["id"] for x in kb.passages], "flat",
+                        encoder_name="minilm", encoder_fingerprint=encoder_fingerprint("minilm"),
+                        corpus_fingerprint="test", titles=[x["title"] for x in kb.passages],
+                        texts=[x["text"] for x in kb.passages])
+    load_index(root / "index")
+    return root, len(kb.train)
+
+
+def _command(root: Path, out: Path, *extra: str) -> list[str]:
+    data = root / "data"
+    return [sys.executable, "-m", "jobs.train", "--corpus", str(data / "corpus.jsonl"),
+            "--train-qa", str(data / "train.jsonl"), "--eval-qa", str(data / "test.jsonl"),
+            "--index", str(root / "index"), "--output-dir", str(out), "--max-steps", str(MAX_STEPS),
+            "--set", f"train.checkpoint_every={CKPT_EVERY}", "--set", f"train.batch_size={BATCH}",
+            "--set", "train.k=3", "--set", "eval.k=3", "--set", "eval.max_questions=4",
+            "--set", "train.log_every=1", "--set", "train.torch_threads=1", "--set", "train.trace=true",
+            "--set", "generator.max_source_length=64", "--set", f"train.seed={SEED}", *extra]
+
+
+def _env(ray_tmp: str) -> dict:
+    # RAY_TMPDIR: the driver's local Ray is its own, apart from the suite's shared one
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": ray_tmp,
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start(cmd: list[str], ray_tmp: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(ray_tmp), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    """Until the worker has trained past `step` and a checkpoint is on storage."""
+    trace = out / "trace" / "rank0.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the driver ended early (rc {proc.returncode})"
+        steps = [r["step"] for r in _records(trace) if "event" not in r]
+        if steps and max(steps) >= step and list((out / "ray_results").glob("*/checkpoint_manager_snapshot.json")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _mlflow_status(out: Path, run_id: str) -> str:
+    with sqlite3.connect(out / "mlflow.db") as db:
+        return db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
+
+
+def _resume_and_check(root: Path, out: Path, ray_tmp: str, n_train: int, run_id: str) -> None:
+    log = out.parent / f"{out.name}-resume.log"
+    rc = subprocess.run(_command(root, out, "--resume"), cwd=ROOT, env=_env(ray_tmp), stdout=open(log, "w"),
+                        stderr=subprocess.STDOUT, timeout=600).returncode
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == MAX_STEPS and m["mlflow_run_id"] == run_id
+    assert _mlflow_status(out, run_id) == "FINISHED"
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    recs = _records(out / "trace" / "rank0.jsonl")
+    starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
+    assert len(starts) == 2
+    resumed_at = recs[starts[1]]["step"]
+    # the newest checkpoint on storage, not OUTPUT_DIR/checkpoint (absent) and not step 0
+    assert resumed_at >= CKPT_EVERY and resumed_at % CKPT_EVERY == 0
+    assert f"resuming {out} at step {resumed_at} of {MAX_STEPS}" in text
+    after = [r for r in recs[starts[1] + 1:]]
+    assert [r["step"] for r in after] == list(range(resumed_at, MAX_STEPS))
+    order = DataOrder(n_train, BATCH, 1, 0, SEED)
+    for r in recs:                                    # both attempts train the uninterrupted run's examples
+        if "event" not in r:
+            assert r["indices"] == [order.indices(r["step"], 0)], r["step"]
+
+
+@pytest.mark.ray
+def test_sigint_to_the_driver_then_resume_finishes_the_run(kb_files, tmp_path):
+    root, n_train = kb_files
+    out, ray_tmp = tmp_path / "run", tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    log = tmp_path / "first.log"
+    proc = _start(_command(root, out), ray_tmp, log)
+    _wait_for_step(proc, out, CKPT_EVERY + 3)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "--resume" in text.splitlines()[-1]
+    state = json.loads((out / "run.json").read_text())
+    assert state["status"] == "interrupted" and _mlflow_status(out, state["mlflow_run_id"]) == "KILLED"
+    assert not (out / "checkpoint").exists() and not (out / "metrics.json").exists()
+    _resume_and_check(root, out, ray_tmp, n_train, state["mlflow_run_id"])
+
+
+@pytest.mark.ray
+def test_sigkill_of_the_driver_is_cleaned_up_then_resume_finishes_the_run(kb_files, tmp_path):
+    root, n_train = kb_files
+    out, ray_tmp = tmp_path / "run", tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    proc = _start(_command(root, out), ray_tmp, tmp_path / "first.log")
+    _wait_for_step(proc, out, CKPT_EVERY + 3)
+    driver = psutil.Process(proc.pid)
+    ray_procs = [p for p in driver.children(recursive=True) if "jobs.guard" not in " ".join(p.cmdline())]
+    assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)     # the driver's own local Ray
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    deadline = time.time() + 90
+    while time.time() < deadline and (_mlflow_status(out, run_id) != "KILLED"
+                                      or any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                             for p in ray_procs)):
+        time.sleep(0.5)
+    assert _mlflow_status(out, run_id) == "KILLED"
+    left = [p.pid for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"Ray processes of the killed driver still running: {left}"
+    assert json.loads((out / "run.json").read_text())["status"] == "killed"
+    _resume_and_check(root, out, ray_tmp, n_train, run_id)
+
+
+def test_resume_with_nothing_to_resume_is_refused_before_any_output(kb_files, tmp_path):
+    root, _ = kb_files
+    out = tmp_path / "empty"
+    r = subprocess.run(_command(root, out, "--resume"), cwd=ROOT, env=_env("/tmp"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    assert not out.exists()
