@@ -145,3 +145,14 @@ def test_missing_passages_directory_names_ingest(tmp_path, capsys, no_ray):
     assert cli.main(["index", "--passages", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "passages directory not found" in err and "latentrag ingest" in err
+
+
+@pytest.mark.parametrize("setting, key", [("train.k=10", "train.k=10"), ("eval.k=7", "eval.k=7")])
+def test_k_above_the_corpus_size_is_refused_before_ingest(files, tmp_path, capsys, no_ray, setting, key):
+    corpus, qa = files                                   # two passages
+    out = tmp_path / "out"
+    rc = train.main(["--corpus", str(corpus), "--train-qa", str(qa), "--eval-qa", str(qa), "--max-steps", "1",
+                     "--output-dir", str(out), "--set", "train.k=2", "--set", "eval.k=2", "--set", setting])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{key}: more passages per question than the corpus {corpus} holds (2)" in err
+    assert not out.exists()                              # no config.yaml, passages/, index/ or mlflow.db
