@@ -58,6 +58,13 @@ def test_the_admin_token_reaches_no_log_and_failed_reloads_leave_no_files(tiny_c
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
+        _check_server(proc, base, token, log, ray_tmp, work, tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _check_server(proc, base, token, log, ray_tmp, work, tmp):
+    try:
         deadline = time.time() + 300
         while True:
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -83,13 +90,10 @@ def test_the_admin_token_reaches_no_log_and_failed_reloads_leave_no_files(tiny_c
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-    try:
-        sessions = list(ray_tmp.glob("ray/session_*"))
-        assert sessions and any((s / "logs").is_dir() for s in sessions)
-        assert list(ray_tmp.glob("ray/session_*/logs/runtime_env_agent*"))      # the log that held it before
-        assert _files_holding(ray_tmp, token.encode()) == []
-        assert token not in log.read_text(errors="replace")
-        assert list(work.iterdir()) == []                                 # no mlflow.db, no download directory
-        assert [p.name for p in tmp.iterdir() if p.name.startswith("latentrag-serve-")] == []
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    sessions = list(ray_tmp.glob("ray/session_*"))
+    assert sessions and any((s / "logs").is_dir() for s in sessions)
+    assert list(ray_tmp.glob("ray/session_*/logs/runtime_env_agent*"))      # the log that held it before
+    assert _files_holding(ray_tmp, token.encode()) == []
+    assert token not in log.read_text(errors="replace")
+    assert list(work.iterdir()) == []                                     # no mlflow.db, no download directory
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("latentrag-serve-")] == []
