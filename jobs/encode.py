@@ -10,24 +10,17 @@ every row of that input shard is in it. A crashed or interrupted encode therefor
 rerun with the same settings skips them. Memory: an actor holds one batch at a time, the driver one open Parquet
 writer per input shard in flight (a row group each); neither holds the corpus.
 
-Files under --out:
-    encode.json           settings of the run (encoder + fingerprint, dtype, passages dir); a rerun must match them
-    emb-<shard>.parquet   one per input shard: id (string), embedding (fixed_size_list<float32|float16>[dim])
-    embeddings.json       written last: count, dim, dtype, fingerprints, per-shard rows, timings, actor peak RSS
-
-`load_embeddings(out_dir)` reads them back as (ids, float32 [N, dim]) sorted by id; `iter_embedding_shards` yields
-them shard by shard, checked against embeddings.json.
+Files under --out (encode.json, emb-<shard>.parquet, embeddings.json) and their readers (`load_embeddings`,
+`iter_embedding_shards`): pipeline/embeddings.py.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import shutil
+import resource
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,45 +29,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SUMMARY_NAME = "embeddings.json"
-SETTINGS_NAME = "encode.json"
-SHARD_PREFIX = "emb-"
-DTYPES = ("float32", "float16")
-_PATH_COL = "path"
+from pipeline.embeddings import (DTYPES, PATH_COL, SETTINGS_NAME, SUMMARY_NAME, ShardWriter, atomic_write_json,
+                                 encode_settings, passage_files, prepare_out_dir, shard_output_name, shard_records,
+                                 write_empty_shard)
+# the embeddings-directory format moved to pipeline/embeddings.py; what callers imported from here stays importable
+from pipeline.embeddings import EmbeddingsFormatError, load_embeddings  # noqa: F401
+from pipeline.index import passage_text
+
 _RSS_COL = "__encoder_peak_rss_kb"
 _ACTOR_COL = "__encoder_actor"          # the actor's pid
 _BUSY_COL = "__encoder_busy_s"          # seconds the actor has spent in __call__ so far (cumulative)
 _INIT_COL = "__encoder_init_s"          # seconds its __init__ took (imports + model load)
 _STARTED_COL = "__encoder_started_at"   # time.time() when its __init__ began
 _READ_RETRIES = 3                       # a read task (one row group) is retried this often
-
-
-from pipeline.index import IndexFormatError
-
-
-class EmbeddingsFormatError(IndexFormatError):
-    """An embeddings directory whose shards disagree with its embeddings.json (dim, rows, ids) or with the passages."""
-
-
-def passage_files(passages_dir: str | os.PathLike) -> list[str]:
-    """The Parquet shards of a passage directory (``passages-*.parquet``); raises FileNotFoundError if none."""
-    d = Path(passages_dir)
-    if d.is_file():
-        raise FileNotFoundError(f"{d} is a file, not a passage directory; `latentrag ingest --corpus {d} --out DIR` "
-                                "makes one (passages-*.parquet + passages.json), then pass --passages DIR")
-    if not d.is_dir():
-        raise FileNotFoundError(f"passages directory not found: {d} (`latentrag ingest --corpus FILE --out {d}` "
-                                "makes it)")
-    files = sorted(glob.glob(str(d / "passages-*.parquet"))) or sorted(glob.glob(str(d / "*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"no passage shards (passages-*.parquet) in {d}; `latentrag ingest --corpus FILE "
-                                f"--out {d}` writes them")
-    return files
-
-
-def shard_output_name(passage_file: str | os.PathLike) -> str:
-    """The embedding shard written for one input passage shard: ``emb-<input file name>``."""
-    return SHARD_PREFIX + Path(passage_file).name
 
 
 class EncoderActor:
@@ -124,12 +91,7 @@ class EncoderActor:
         return dict(enc.tokenizer(texts, truncation=True, max_length=enc.max_length, padding=False))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import resource
-
         t0 = time.perf_counter()
-
-        from pipeline.index import passage_text
-
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
         titles = batch.column("title").to_pylist() if "title" in batch.column_names else [""] * len(texts)
@@ -153,8 +115,8 @@ class EncoderActor:
         values = pa.array(out.reshape(-1))
         cols = {"id": pa.array([str(i) for i in ids], pa.string()),
                 "embedding": pa.FixedSizeListArray.from_arrays(values, out.shape[1])}
-        if _PATH_COL in batch.column_names:
-            cols[_PATH_COL] = batch.column(_PATH_COL).combine_chunks()
+        if PATH_COL in batch.column_names:
+            cols[PATH_COL] = batch.column(PATH_COL).combine_chunks()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.busy_s += time.perf_counter() - t0
         n = len(ids)
@@ -166,64 +128,12 @@ class EncoderActor:
         return pa.table(cols)
 
 
-def _settings(passages_dir, encoder, dtype) -> dict:
-    from pipeline.models.retriever import encoder_fingerprint
+class _ActorStats:
+    """Peak RSS and per-actor busy/init seconds, from the columns every EncoderActor batch carries."""
 
-    return {"encoder": encoder, "encoder_fingerprint": encoder_fingerprint(encoder), "dtype": dtype,
-            "passages_dir": str(Path(passages_dir).resolve()),
-            "corpus_fingerprint": corpus_fingerprint(passages_dir)}
-
-
-def _atomic_write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _prepare_out_dir(out_dir: Path, settings: dict, overwrite: bool, resume: bool) -> None:
-    """Create `out_dir`, or check that an existing one is a resumable run of the same settings."""
-    settings_file = out_dir / SETTINGS_NAME
-    if out_dir.exists() and any(out_dir.iterdir()):
-        looks_ours = settings_file.is_file() or (out_dir / SUMMARY_NAME).is_file() or list(out_dir.glob("*.parquet"))
-        if overwrite:
-            if not looks_ours:
-                raise FileExistsError(f"refusing to overwrite {out_dir}: it does not look like an embeddings directory")
-            shutil.rmtree(out_dir)
-        elif not settings_file.is_file():
-            raise FileExistsError(f"output directory {out_dir} is not empty and holds no {SETTINGS_NAME} of an "
-                                  f"earlier encode to resume (pass overwrite=True / --overwrite)")
-        elif not resume:
-            raise FileExistsError(f"output directory {out_dir} is not empty (pass overwrite=True / --overwrite, or "
-                                  f"resume=True / --resume to finish an interrupted encode)")
-        else:
-            before = json.loads(settings_file.read_text())
-            for key in ("encoder_fingerprint", "dtype", "passages_dir"):
-                if before.get(key) != settings[key]:
-                    raise FileExistsError(
-                        f"cannot resume the encode in {out_dir}: {SETTINGS_NAME} has {key}={before.get(key)!r} but "
-                        f"this run has {settings[key]!r} (use --overwrite to start over)")
-            for tmp in out_dir.glob(".tmp-*"):       # partial shards of the interrupted run
-                tmp.unlink(missing_ok=True)
-            (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-            return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(settings, settings_file)
-
-
-class _ShardWriter:
-    """Streams encoded rows into ``emb-<shard>.parquet`` files, one per input shard, each renamed into place when
-    all of its rows are written (its row count is known from the input file's Parquet metadata)."""
-
-    def __init__(self, out_dir: Path, expected: dict[str, int], on_shard_done: Callable[[Path], None] | None):
-        self.out_dir, self.expected, self.on_shard_done = out_dir, expected, on_shard_done
-        self.writers: dict[str, tuple[pq.ParquetWriter, Path]] = {}
-        self.written: dict[str, int] = {name: 0 for name in expected}
+    def __init__(self):
         self.peak_rss_kb = 0
         self.actors: dict[int, dict] = {}      # pid -> busy seconds, init seconds, start time (see EncoderActor)
-        self.done: list[str] = []
 
     def add(self, batch: pa.Table) -> None:
         if batch.num_rows == 0:
@@ -234,43 +144,6 @@ class _ShardWriter:
                                                   for c in (_ACTOR_COL, _BUSY_COL, _INIT_COL, _STARTED_COL))):
                 a = self.actors.setdefault(pid, {"busy_s": 0.0, "init_s": init, "started_at": started})
                 a["busy_s"] = max(a["busy_s"], busy)
-        names = [Path(p).name for p in batch.column(_PATH_COL).to_pylist()]
-        data = batch.select(["id", "embedding"])
-        for name in dict.fromkeys(names):      # distinct names in first-seen order
-            if name not in self.expected:
-                raise RuntimeError(f"encoder returned rows of {name!r}, which is not an input shard of this run")
-            part = data.filter(pa.array([n == name for n in names])) if len(set(names)) > 1 else data
-            if name not in self.writers:
-                tmp = self.out_dir / f".tmp-{uuid.uuid4().hex}-{name}"
-                self.writers[name] = (pq.ParquetWriter(tmp, part.schema), tmp)
-            self.writers[name][0].write_table(part)
-            self.written[name] += part.num_rows
-            if self.written[name] > self.expected[name]:
-                raise RuntimeError(f"{name}: encoded {self.written[name]} rows, the shard holds {self.expected[name]}")
-            if self.written[name] == self.expected[name]:
-                self._commit(name)
-
-    def _commit(self, name: str) -> None:
-        writer, tmp = self.writers.pop(name)
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        final = self.out_dir / shard_output_name(name)
-        os.replace(tmp, final)
-        self.done.append(name)
-        if self.on_shard_done is not None:
-            self.on_shard_done(final)
-        delay = float(os.environ.get("LATENTRAG_ENCODE_TEST_PAUSE_S", "0") or 0)  # test hook: widen the crash window
-        if delay:
-            time.sleep(delay)
-
-    def abort(self) -> None:
-        for writer, tmp in self.writers.values():
-            try:
-                writer.close()
-            finally:
-                tmp.unlink(missing_ok=True)
-        self.writers.clear()
 
 
 def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike, encoder: str | None = "minilm",
@@ -312,8 +185,8 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise ValueError(f"{passages_dir}: passage shard names must be unique")
     _passage_columns(files[0])
     out_dir = Path(out_dir)
-    settings = _settings(passages_dir, encoder, dtype)   # resolves the encoder: fails before any work
-    _prepare_out_dir(out_dir, settings, overwrite, resume)
+    settings = encode_settings(passages_dir, encoder, dtype)   # resolves the encoder: fails before any work
+    prepare_out_dir(out_dir, settings, overwrite, resume)
 
     footers = {f: pq.read_metadata(f) for f in files}        # read once: row counts here, row groups for the reads
     expected = {Path(f).name: footers[f].num_rows for f in files}
@@ -322,11 +195,10 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     start, start_wall = time.perf_counter(), time.time()
     first_output_s, output_blocks = None, 0
     for f in [f for f in todo if expected[Path(f).name] == 0]:   # empty input shard: an empty output shard
-        pq.write_table(pa.table({"id": pa.array([], pa.string()),
-                                 "embedding": pa.array([], pa.list_(pa.float32()))}),
-                       out_dir / shard_output_name(f))
+        write_empty_shard(out_dir, f)
     todo = [f for f in todo if expected[Path(f).name] > 0]
-    writer = _ShardWriter(out_dir, {Path(f).name: expected[Path(f).name] for f in todo}, on_shard_done)
+    writer = ShardWriter(out_dir, {Path(f).name: expected[Path(f).name] for f in todo}, on_shard_done)
+    actor_stats = _ActorStats()
     if todo:
         if not ray.is_initialized():
             ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -380,28 +252,21 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 output_blocks += 1
                 if first_output_s is None:
                     first_output_s = time.perf_counter() - start
+                actor_stats.add(batch)
                 writer.add(batch)
         except BaseException:
             writer.abort()
             raise
-        missing = {n: (writer.written[n], writer.expected[n]) for n in writer.expected if n not in writer.done}
+        missing = writer.missing()
         if missing:
             writer.abort()
             raise RuntimeError(f"encode of {passages_dir} ended with unfinished shards (written, expected): {missing}")
     seconds = time.perf_counter() - start
 
-    shards = []
-    dim = 0
-    for f in files:
-        out = out_dir / shard_output_name(f)
-        meta = pq.read_metadata(out)
-        field = pq.read_schema(out).field("embedding")
-        if meta.num_rows:
-            dim = int(field.type.list_size)
-        shards.append({"file": out.name, "source": Path(f).name, "rows": meta.num_rows})
+    shards, dim = shard_records(out_dir, files)
     count = sum(s["rows"] for s in shards)
     encoded = sum(expected[Path(f).name] for f in todo)
-    actors = list(writer.actors.values())
+    actors = list(actor_stats.actors.values())
     busy = sum(a["busy_s"] for a in actors)
     # where the wall time went: actor start-up (process + imports + model load), then time inside the encoder UDF;
     # the rest is Ray Data scheduling, reads, transfers and the driver's writes not overlapped with encoding
@@ -417,12 +282,12 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
              "first_output_seconds": None if first_output_s is None else round(first_output_s, 3),
              "encoded": encoded, "shards_encoded": len(todo), "shards_skipped": skipped,
              "output_blocks": output_blocks, **timing,
-             "encoder_peak_rss_mb": round(writer.peak_rss_kb / 1024, 1) if writer.peak_rss_kb else None,
+             "encoder_peak_rss_mb": round(actor_stats.peak_rss_kb / 1024, 1) if actor_stats.peak_rss_kb else None,
              "num_actors": num_actors, "threads_per_actor": threads_per_actor, "batch_size": batch_size,
              "encode_batch_size": encode_batch_size, "cpus_per_actor": cpus_per_actor, "block_mb": block_mb,
              "gpus_per_actor": gpus_per_actor, **settings, "passages_dir": str(Path(passages_dir)),
              "out_dir": str(out_dir), "shards": shards}
-    _atomic_write_json(stats, out_dir / SUMMARY_NAME)
+    atomic_write_json(stats, out_dir / SUMMARY_NAME)
     return stats
 
 
@@ -453,7 +318,7 @@ def _read_row_groups(items: pa.Table, columns: list[str]) -> Iterator[pa.Table]:
         try:
             for rb in pf.iter_batches(batch_size=int(rows), row_groups=[int(rg)], columns=columns):
                 t = pa.Table.from_batches([rb]).select(columns).cast(schema)
-                yield t.append_column(_PATH_COL, pa.array([path] * t.num_rows, pa.string()))
+                yield t.append_column(PATH_COL, pa.array([path] * t.num_rows, pa.string()))
         finally:
             pf.close()
 
@@ -464,95 +329,6 @@ def _passage_columns(first_file: str) -> list[str]:
     if missing:
         raise ValueError(f"{first_file}: passage shards need columns id, text (title optional); missing {missing}")
     return [c for c in ("id", "title", "text") if c in names]
-
-
-def corpus_fingerprint(passages_dir: str | os.PathLike) -> str | None:
-    """The fingerprint recorded in ``passages.json`` (written by ingest), else a hash of the shards' names+sizes."""
-    manifest = Path(passages_dir) / "passages.json"
-    if manifest.is_file():
-        try:
-            fp = json.loads(manifest.read_text()).get("fingerprint")
-        except (OSError, ValueError):
-            fp = None
-        if fp:
-            return str(fp)
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in passage_files(passages_dir):
-        h.update(Path(f).name.encode())
-        h.update(str(Path(f).stat().st_size).encode())
-    return "files-" + h.hexdigest()[:16]
-
-
-def read_summary(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / SUMMARY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the encode of {out_dir} did not finish (rerun it to resume)")
-    return json.loads(path.read_text())
-
-
-def _shard_arrays(path: Path, dim: int | None) -> tuple[list[str], np.ndarray]:
-    table = pq.read_table(path, columns=["id", "embedding"])
-    ids = table.column("id").to_pylist()
-    if table.num_rows == 0:
-        return ids, np.zeros((0, dim or 0), np.float32)
-    col = table.column("embedding").combine_chunks()
-    if pa.types.is_fixed_size_list(col.type):
-        have = int(col.type.list_size)
-    else:  # variable-size lists (written by another tool): every row must have the same length
-        lengths = set(np.diff(col.offsets.to_numpy()).tolist())
-        if len(lengths) != 1:
-            raise EmbeddingsFormatError(f"{path}: embeddings have different lengths {sorted(lengths)[:5]}")
-        have = lengths.pop()
-    if dim is not None and have != dim:
-        raise EmbeddingsFormatError(f"{path}: embedding dimension {have} disagrees with dim {dim} in {SUMMARY_NAME}")
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    return ids, np.ascontiguousarray(flat.reshape(table.num_rows, have), dtype=np.float32)
-
-
-def iter_embedding_shards(out_dir: str | os.PathLike) -> Iterator[tuple[str, list[str], np.ndarray]]:
-    """(source passage shard name, ids, float32 [n, dim]) per shard, in input-shard order, each checked against
-    embeddings.json: its dimension and row count must match (`EmbeddingsFormatError` names the file)."""
-    out_dir = Path(out_dir)
-    summary = read_summary(out_dir)
-    dim = int(summary["dim"])
-    for shard in summary["shards"]:
-        path = out_dir / shard["file"]
-        if not path.is_file():
-            raise EmbeddingsFormatError(f"{path} is listed in {out_dir / SUMMARY_NAME} but missing")
-        ids, emb = _shard_arrays(path, dim)
-        if len(ids) != int(shard["rows"]):
-            raise EmbeddingsFormatError(f"{path}: {len(ids)} rows, {SUMMARY_NAME} says {shard['rows']}")
-        yield shard["source"], ids, emb
-
-
-def load_embeddings(out_dir: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """All embedding shards of `out_dir` as (ids, float32 [N, dim]), sorted by id (a deterministic order that does not
-    depend on how Ray scheduled the blocks). Raises ValueError on duplicate ids or a ragged embedding column."""
-    out_dir = Path(out_dir)
-    shards = sorted(out_dir.glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"no embedding shards (*.parquet) in {out_dir}")
-    all_ids: list[str] = []
-    parts = []
-    dim = None
-    for f in shards:
-        ids, emb = _shard_arrays(f, dim)
-        if len(ids):
-            dim = emb.shape[1]
-            all_ids += ids
-            parts.append(emb)
-    if not all_ids:
-        return [], np.zeros((0, 0), np.float32)
-    emb = np.concatenate(parts)
-    order = np.argsort(np.asarray(all_ids, dtype=object), kind="stable")
-    ids = [all_ids[i] for i in order]
-    emb = np.ascontiguousarray(emb[order])
-    dup = [a for a, b in zip(ids[1:], ids[:-1]) if a == b]
-    if dup:
-        raise ValueError(f"{out_dir}: passage id {dup[0]!r} appears more than once")
-    return ids, emb
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from jobs.encode import encode_passages
+from pipeline.embeddings import corpus_fingerprint, gather_checked, passage_files
 from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFormatError, add_vectors,
                             deserialize_index, empty_index, merge_indexes, serialize_index, verify_index,
                             write_index_version)
@@ -45,7 +45,6 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     vectors, and the parts are merged in shard order (below that size task overhead outweighs the work); hnsw is
     built in one process (FAISS's OpenMP threads: HNSW graphs do not merge). `encoder_name` (default: `encoder`) is what the manifest records.
     Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
-    from jobs.encode import encode_passages, passage_files
     from pipeline.models.retriever import resolve_encoder_path
 
     files = passage_files(passages_dir)
@@ -60,7 +59,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
                             encode_batch_size=encode_batch_size, cpus_per_actor=cpus_per_actor,
                             gpus_per_actor=gpus_per_actor, dtype=dtype, resume=True, read_cpus=read_cpus)
     t0 = time.perf_counter()
-    ids, embeddings, titles, texts, shard_rows = _gather_checked(scratch, files)
+    ids, embeddings, titles, texts, shard_rows = gather_checked(scratch, files)
     params = dict(index_params)
     threads = params.pop("threads", None)
     index = None
@@ -89,7 +88,6 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
 def scratch_dir(index_root: str | os.PathLike, passages_dir: str | os.PathLike, encoder: str | None,
                 dtype: str = "float32") -> Path:
     """Where `build_index` encodes (and, after a crash, resumes encoding) this corpus with this encoder."""
-    from jobs.encode import corpus_fingerprint
     from pipeline.models.retriever import encoder_fingerprint
 
     return Path(index_root) / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-"
@@ -98,45 +96,6 @@ def scratch_dir(index_root: str | os.PathLike, passages_dir: str | os.PathLike, 
 
 def _slug(text: str | None) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))[:40]
-
-
-def _gather_checked(emb_dir: Path, passage_files_: list[str]):
-    """Rows in shard order (input shards, then the order inside each): ids, float32 embeddings, titles, texts, and
-    the row count of each shard. Each embedding shard must hold exactly the ids of its passage shard."""
-    from jobs.encode import EmbeddingsFormatError, iter_embedding_shards
-
-    by_name = {Path(f).name: f for f in passage_files_}
-    ids, parts, titles, texts, shard_rows = [], [], [], [], []
-    seen = set()
-    for source, shard_ids, emb in iter_embedding_shards(emb_dir):
-        if source not in by_name:
-            raise EmbeddingsFormatError(f"{emb_dir}: embeddings of {source!r}, which is not a passage shard any more")
-        passages = _read_passage_shard(by_name.pop(source))
-        pid = passages.column("id").to_pylist()
-        pos = {p: i for i, p in enumerate(pid)}
-        if len(shard_ids) != len(pid) or set(shard_ids) != set(pos):
-            extra = sorted(set(shard_ids) - set(pos))[:3]
-            lacking = sorted(set(pos) - set(shard_ids))[:3]
-            raise EmbeddingsFormatError(
-                f"{emb_dir / ('emb-' + source)}: its ids disagree with passage shard {source} "
-                f"({len(shard_ids)} vs {len(pid)} rows; not in the passages: {extra}; not encoded: {lacking})")
-        dup = seen.intersection(shard_ids)
-        if dup:
-            raise EmbeddingsFormatError(f"passage id {sorted(dup)[0]!r} appears in more than one shard "
-                                        f"(again in {source})")
-        seen.update(shard_ids)
-        take = pa.array([pos[i] for i in shard_ids], pa.int64())
-        ids += shard_ids
-        titles += passages.column("title").take(take).to_pylist()
-        texts += passages.column("text").take(take).to_pylist()
-        parts.append(emb)
-        shard_rows.append(len(shard_ids))
-    if by_name:
-        raise EmbeddingsFormatError(f"{emb_dir}: no embeddings for passage shard(s) {sorted(by_name)[:5]}")
-    nonempty = [p for p in parts if len(p)]
-    if not nonempty:
-        raise IndexFormatError(f"{emb_dir}: no passages to index")
-    return ids, np.concatenate(nonempty), titles, texts, shard_rows
 
 
 def _build_shard_parallel(embeddings: np.ndarray, shard_rows: list[int], index_type: str, build_cpus: float,
@@ -157,15 +116,6 @@ def _build_shard_parallel(embeddings: np.ndarray, shard_rows: list[int], index_t
 def _add_shard(empty_bytes, embeddings, threads):
     """Ray task body: a copy of the empty (trained) index holding one shard's vectors, serialized."""
     return serialize_index(add_vectors(empty_bytes, embeddings, threads=threads if threads else 1))
-
-
-def _read_passage_shard(f: str) -> pa.Table:
-    names = pq.read_schema(f).names
-    t = pq.read_table(f, columns=[c for c in ("id", "title", "text") if c in names])
-    if "title" not in t.column_names:
-        t = t.append_column("title", pa.array([""] * t.num_rows, pa.string()))
-    return t.select(["id", "title", "text"]).cast(pa.schema(
-        [("id", pa.string()), ("title", pa.string()), ("text", pa.string())])).combine_chunks()
 
 
 def _check_index_params(index_type: str, params: dict) -> None:
@@ -235,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
 
-    from jobs.encode import passage_files
     from pipeline.models.retriever import resolve_encoder_path
 
     try:
