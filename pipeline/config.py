@@ -16,14 +16,59 @@ from typing import Any
 
 import yaml
 
-# Kept in sync with pipeline.estimators.REGISTRY by tests/pipeline/test_estimators.py (a tuple here, not an
-# import: pipeline.estimators imports this module).
-ESTIMATORS = ("rag-sequence", "rag-token", "vrag", "jsa", "dro", "pdist", "emdr2", "replug-lsr")
-STRATEGIES = ("joint", "two-phase", "independent")
-
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
+
+
+# The estimator names, strategies and the `estimator:` section come from pipeline.estimators.registry, imported
+# lazily: the estimator modules import this one (ConfigError), and `import pipeline.config` stays light.
+def _estimators():
+    from pipeline.estimators import registry
+
+    registry.load()
+    return registry
+
+
+def estimator_config_class() -> type:
+    """The `estimator:` section's dataclass: one flat field `<prefix>_<field>` per field of every registered
+    estimator's settings dataclass (estimator.jsa_num_proposals is JsaConfig.num_proposals), with its type and
+    default. Rebuilt when the registry changes; the same class while it does not."""
+    return _flat_estimator_config(_estimators().settings_classes("estimator"))
+
+
+@functools.cache
+def _flat_estimator_config(settings: tuple[type, ...]) -> type:
+    specs = []
+    for cls in settings:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = (field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
+                       else field(default=f.default))
+            specs.append((cls.flat_name(f.name), hints[f.name], default))
+    flat = dataclasses.make_dataclass("EstimatorConfig", specs)
+    flat.__module__ = __name__                # pickles (Ray) by reference, as pipeline.config.EstimatorConfig
+    flat.__doc__ = "Settings of every estimator (flat keys); `train.estimator` selects which one runs."
+    return flat
+
+
+if typing.TYPE_CHECKING:          # at run time the module __getattr__ below builds it
+    EstimatorConfig = Any
+
+
+def _new_estimator_config():
+    return estimator_config_class()()
+
+
+def __getattr__(name: str) -> Any:
+    # derived from the registry on each access (a test may register an estimator after this module loads)
+    if name == "EstimatorConfig":
+        return estimator_config_class()
+    if name == "ESTIMATORS":
+        return _estimators().estimator_names()
+    if name == "STRATEGIES":
+        return _estimators().strategy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -119,19 +164,6 @@ class TrainConfig:
 
 
 @dataclass
-class EstimatorConfig:
-    """Hyperparameters of the estimators; `train.estimator` selects which one runs."""
-    vrag_beta: float = 1.0             # vrag: weight of KL(q || p) in the ELBO
-    vrag_candidates: str = "posterior"  # vrag: C = posterior top-K, or union (prior top-K ∪ posterior top-K)
-    jsa_num_proposals: int = 20        # jsa: Metropolis independence sampler steps (proposals) per example
-    jsa_likelihood: str = "exact"      # jsa: exact | normalized (per-token mean log-likelihood in the ratio)
-    jsa_cache: bool = True             # jsa: start each chain from the example's last accepted passage
-    dro_num_lists: int = 5             # dro: n ordered lists sampled per example
-    dro_list_length: int = 2           # dro: passages per list (the generator reads them concatenated)
-    distill_temperature: float = 1.0   # pdist / replug-lsr: target = softmax(generator score / temperature)
-
-
-@dataclass
 class EvalConfig:
     k: int = 5
     decode: str = "fast"               # fast | thorough (rag-sequence) ; rag-token uses beam over the marginal
@@ -153,7 +185,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    estimator: EstimatorConfig = field(default_factory=_new_estimator_config)   # see estimator_config_class
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     output_dir: str = "runs/train"
@@ -175,12 +207,13 @@ class Config:
         _validate_refresh_impl(self)
 
     def validate(self) -> "Config":
-        if self.train.estimator not in ESTIMATORS:
+        registry = _estimators()
+        if self.train.estimator not in registry.REGISTRY:
             raise ConfigError(f"train.estimator: unknown estimator {self.train.estimator!r}; "
-                              f"choose one of {', '.join(ESTIMATORS)}")
-        if self.train.strategy not in STRATEGIES:
+                              f"choose one of {', '.join(registry.estimator_names())}")
+        if self.train.strategy not in registry.STRATEGIES:
             raise ConfigError(f"train.strategy: unknown strategy {self.train.strategy!r}; "
-                              f"choose one of {', '.join(STRATEGIES)}")
+                              f"choose one of {', '.join(registry.strategy_names())}")
         if self.generator.kind not in ("copy-bart", "hf-seq2seq", "hf-causal"):
             raise ConfigError(f"generator.kind: unknown kind {self.generator.kind!r}")
         if self.generator.kind != "copy-bart" and not self.generator.name_or_path:
@@ -197,35 +230,18 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         if self.retriever.tau <= 0:
             raise ConfigError(f"retriever.tau: must be > 0, got {self.retriever.tau}")
-        e = self.estimator
-        if e.vrag_candidates not in ("posterior", "union"):
-            raise ConfigError(f"estimator.vrag_candidates: {e.vrag_candidates!r}; choose posterior or union")
-        if e.jsa_likelihood not in ("exact", "normalized"):
-            raise ConfigError(f"estimator.jsa_likelihood: {e.jsa_likelihood!r}; choose exact or normalized")
-        for key, value in (("estimator.jsa_num_proposals", e.jsa_num_proposals),
-                           ("estimator.dro_num_lists", e.dro_num_lists),
-                           ("estimator.dro_list_length", e.dro_list_length)):
-            if value < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {value}")
-        if e.dro_list_length > self.train.k:
-            raise ConfigError(f"estimator.dro_list_length: {e.dro_list_length} > train.k={self.train.k} "
-                              "(lists are drawn from the top-k candidates)")
-        for key, value in (("estimator.vrag_beta", e.vrag_beta),
-                           ("train.retriever_anchor_kl", self.train.retriever_anchor_kl)):
-            if value < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {value}")
-        for key, value in (("estimator.distill_temperature", e.distill_temperature),
-                           ("train.independent_temperature", self.train.independent_temperature)):
-            if value <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {value}")
+        for settings in registry.settings_of(self.estimator, "estimator"):   # every estimator's, selected or not
+            settings.validate(self)
+        if self.train.retriever_anchor_kl < 0:
+            raise ConfigError(f"train.retriever_anchor_kl: must be >= 0, got {self.train.retriever_anchor_kl}")
         if self.train.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps: must be >= 1, got {self.train.grad_accum_steps}")
         if self.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {self.train.precision!r}; choose bf16 or fp32")
         if not 0.0 < self.train.two_phase_split < 1.0:
             raise ConfigError(f"train.two_phase_split: must be in (0, 1), got {self.train.two_phase_split}")
-        if self.train.independent_hard_negatives < 0:
-            raise ConfigError("train.independent_hard_negatives: must be >= 0")
+        for settings in registry.settings_of(self.train, "train"):           # strategy objectives' (independent)
+            settings.validate(self)
         return self
 
 
@@ -258,8 +274,14 @@ RENAMED = {
 }
 
 
-@functools.cache
 def _field_types(cls) -> dict[str, Any]:
+    if cls is Config:      # the estimator section's class follows the registry (estimator_config_class)
+        return typing.get_type_hints(cls, localns={"EstimatorConfig": estimator_config_class()})
+    return _declared_types(cls)
+
+
+@functools.cache
+def _declared_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 

@@ -6,15 +6,38 @@ import time
 import torch
 
 from pipeline.decoding import rag_sequence_decode, rag_token_decode
+from pipeline.estimators.registry import DECODERS, get, objective_for
 from pipeline.metrics import exact_match, f1_score, recall_at_k
 
 RECALL_KS = (1, 5, 20)
 
 
+def decoder_for(estimator) -> str:
+    """How a model trained with `estimator` answers: "rag-sequence" or "rag-token", the registered estimator's
+    `decoder`. `estimator`: a registered name, or a run Config (train.estimator's decoder, in every strategy)."""
+    if isinstance(estimator, str):
+        return get(estimator).decoder
+    return objective_for(estimator).decoder
+
+
+def decode_answers(model, questions: list[str], decoder: str, k: int = 5, num_beams: int = 1,
+                   decode: str = "fast", candidates=None) -> list:
+    """Answers of `questions` with `decoder` (`decoder_for(...)`); `decode`: fast | thorough (rag-sequence)."""
+    if decoder == "rag-token":
+        return rag_token_decode(model, questions, k=k, num_beams=num_beams, candidates=candidates)
+    if decoder == "rag-sequence":
+        return rag_sequence_decode(model, questions, k=k, num_beams=num_beams, thorough=decode == "thorough",
+                                   candidates=candidates)
+    raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+
+
 @torch.no_grad()
 def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence", decode: str = "fast",
              num_beams: int = 1, batch_size: int = 32, max_questions: int = 0, progress=None) -> tuple[dict, list]:
-    """Returns (metrics, predictions). Recall needs `gold_passage_ids`; questions without them are left out of it."""
+    """Returns (metrics, predictions). `estimator` (a registered name, or a run Config) chooses the decoder
+    (`decoder_for`).
+    Recall needs `gold_passage_ids`; questions without them are left out of it."""
+    decoder = decoder_for(estimator)
     was_training = model.training
     model.eval()
     rows = rows[:max_questions] if max_questions else rows
@@ -27,11 +50,7 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         cand = model.retrieve(questions, depth)
         retrieved += cand.ids
         gold += [list(r.get("gold_passage_ids") or []) for r in chunk]
-        if estimator == "rag-token":
-            decoded = rag_token_decode(model, questions, k=k, num_beams=num_beams, candidates=cand)
-        else:
-            decoded = rag_sequence_decode(model, questions, k=k, num_beams=num_beams, thorough=decode == "thorough",
-                                          candidates=cand)
+        decoded = decode_answers(model, questions, decoder, k=k, num_beams=num_beams, decode=decode, candidates=cand)
         for r, d in zip(chunk, decoded):
             ems.append(exact_match(d.answer, r["answers"]))
             f1s.append(f1_score(d.answer, r["answers"]))

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.estimators.registry import build_objective
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -107,12 +109,16 @@ class RagTrainer:
     encoder that trains, passage; the last two at the retriever's learning rate and schedule. Each group has its own
     gradient norm (logged) and clipping. `train.grad_accum_steps` micro-batches make one optimiser step.
 
-    Strategies (`train.strategy`):
-      joint        every group trains from the start (after `generator_warmup_steps` for the retrievers);
-      two-phase    phase 1 (the first `two_phase_split` of max_steps): generator only, retrievers frozen;
-                   phase 2: retrievers only, generator frozen. Each group's schedule runs over its own phase;
-      independent  retriever contrastive on gold_passage_ids + generator NLL on the gold passage (the estimator
-                   is not used); rows without gold_passage_ids fail at construction, naming `data_source`.
+    Strategies (`train.strategy`; the objective each trains is `pipeline.estimators.build_objective`'s):
+      joint        `estimator`'s loss; every group trains from the start (after `generator_warmup_steps` for the
+                   retrievers);
+      two-phase    `estimator`'s loss; phase 1 (the first `two_phase_split` of max_steps): generator only,
+                   retrievers frozen; phase 2: retrievers only, generator frozen. Each group's schedule runs over
+                   its own phase;
+      independent  its own objective (`independent`) in place of `estimator`'s: retriever contrastive on
+                   gold_passage_ids + generator NLL on the gold passage; rows without gold_passage_ids fail at
+                   construction, naming `data_source`.
+    `objective_name` says which loss runs.
     """
 
     def __init__(self, model, estimator, train_rows: list[dict], train_cfg, retriever_lr: float,
@@ -133,17 +139,11 @@ class RagTrainer:
             # dropout masks and samples (rank 0 keeps the single-worker stream)
             seed_everything(train_cfg.seed + 7919 * rank)
         self.strategy = getattr(train_cfg, "strategy", "joint")
-        if self.strategy == "independent":
-            from pipeline.estimators.independent import Independent, require_context_labels
-
-            require_context_labels(train_rows, data_source)
-            self.objective = Independent(k=getattr(estimator, "k", 5), cfg=getattr(estimator, "cfg", None),
-                                         hard_negatives=train_cfg.independent_hard_negatives,
-                                         temperature=train_cfg.independent_temperature)
-        else:
-            self.objective = estimator
-            if hasattr(estimator, "prepare"):
-                estimator.prepare(model)       # e.g. adds the posterior encoder for vrag / jsa
+        self.objective = build_objective(estimator, self.strategy, train_cfg, train_rows, data_source)
+        self.objective_name = getattr(self.objective, "name", "") or type(self.objective).__name__
+        self.own_objective = self.objective is not estimator      # the strategy's objective replaces estimator's
+        if hasattr(self.objective, "prepare"):
+            self.objective.prepare(model)      # e.g. adds the posterior encoder for vrag / jsa
         self.anchor = None
         if getattr(train_cfg, "retriever_anchor_kl", 0.0) > 0:
             from pipeline.anchor import AnchoredObjective, RetrieverAnchor
@@ -211,8 +211,8 @@ class RagTrainer:
         if self.strategy == "two-phase":
             return "phase 1: generator (retriever frozen)" if not self.generator_frozen() else \
                 "phase 2: retriever (generator frozen)"
-        if self.strategy == "independent":
-            return "independent"
+        if self.own_objective:
+            return self.objective_name
         return "generator warm-up (retriever frozen)" if self.retriever_frozen() else "joint"
 
     def _loss_module(self, frozen: bool, gen_frozen: bool) -> nn.Module | None:

@@ -1,25 +1,30 @@
-"""Estimators, selected by name (`train.estimator` / `--estimator`); hyperparameters in `estimator:` of the config."""
+"""Estimators, selected by name (`train.estimator` / `--estimator`); their settings in `estimator:` of the config.
+
+Every module of this package is imported here, and each estimator class registers itself (`@register`, see
+registry.py): adding an estimator is adding one file.
+"""
 from __future__ import annotations
 
-from pipeline.estimators.base import Estimator, EstimatorOutput
-from pipeline.estimators.distill import Emdr2, Pdist, ReplugLsr
-from pipeline.estimators.dro import Dro
-from pipeline.estimators.jsa import Jsa
-from pipeline.estimators.rag_sequence import RagSequence
-from pipeline.estimators.rag_token import RagToken
-from pipeline.estimators.vrag import Vrag
+import importlib
+import pkgutil
 
-REGISTRY: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (RagSequence, RagToken, Vrag, Jsa, Dro, Pdist, Emdr2, ReplugLsr)}
+from pipeline.estimators.base import Estimator, EstimatorOutput
+from pipeline.estimators.registry import (DECODERS, REGISTRY, STRATEGIES, EstimatorSettings, Objective,
+                                          build_objective, estimator_help, objective_for, register,
+                                          register_strategy, resolve_objective)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_estimator(name: str, k: int = 5, cfg=None) -> Estimator:
-    """`cfg`: a pipeline.config.EstimatorConfig (or a whole Config, whose `estimator` section is used)."""
+    """`cfg`: a pipeline.config.EstimatorConfig, a whole Config (whose `estimator` section is used), the
+    estimator's own settings dataclass, or None (defaults)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
-    if cfg is not None and hasattr(cfg, "estimator") and not isinstance(cfg.estimator, str):
-        cfg = cfg.estimator
     return REGISTRY[name](k=k, cfg=cfg)
 
 
-__all__ = ["Estimator", "EstimatorOutput", "REGISTRY", "build_estimator"]
+__all__ = ["DECODERS", "Estimator", "EstimatorOutput", "EstimatorSettings", "Objective", "REGISTRY", "STRATEGIES",
+           "build_estimator", "build_objective", "estimator_help", "objective_for", "register", "register_strategy",
+           "resolve_objective"]

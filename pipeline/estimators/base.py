@@ -4,11 +4,13 @@ An estimator turns one batch of questions and answers into a differentiable loss
 retrieve candidates, score them with gradient (p(z|x)) and score answers under each passage (p(y|x,z)).
 It also returns diagnostics (floats) that are logged every step.
 
-    est = build_estimator("jsa", k=5, cfg=EstimatorConfig(...))
+    est = build_estimator("jsa", k=5, cfg=run_config)   # a Config, its `estimator` section, or a JsaConfig
     est.prepare(model)                      # adds what the estimator needs (the posterior encoder for vrag/jsa)
     out = est.loss(model, questions, answers[, rows=batch_rows])   # rows only when est.needs_rows
 
-`needs_posterior`: the estimator trains q(z|x,y) (`model.posterior_encoder`).
+What a subclass declares (and `@register` checks; see pipeline/estimators/registry.py):
+`name`; `config`: its settings dataclass (`self.cfg` is one); `decoder`: rag-sequence or rag-token decoding;
+`needs_posterior`: the estimator trains q(z|x,y) (`model.posterior_encoder`);
 `needs_rows`: `loss` also takes the batch's QA rows (ids, gold_passage_ids), e.g. JSA's per-example cache.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from pipeline.estimators.registry import EstimatorSettings, NoSettings
 
 
 @dataclass
@@ -27,14 +31,14 @@ class EstimatorOutput:
 
 class Estimator:
     name: str = ""
+    config: type[EstimatorSettings] = NoSettings
+    decoder: str | None = None
     needs_posterior: bool = False
     needs_rows: bool = False
 
     def __init__(self, k: int = 5, cfg=None):
-        from pipeline.config import EstimatorConfig
-
         self.k = k
-        self.cfg = cfg if cfg is not None else EstimatorConfig()
+        self.cfg = own_settings(self.config, cfg)
 
     def prepare(self, model) -> None:
         """Called once before training: give the model the modules this estimator trains."""
@@ -50,6 +54,19 @@ class Estimator:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def own_settings(cls: type[EstimatorSettings], cfg) -> EstimatorSettings:
+    """`cls` settings from None (defaults), a `cls` instance, a whole Config or its flat `estimator` section."""
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, EstimatorSettings):
+        raise TypeError(f"expected {cls.__name__} settings, got {type(cfg).__name__}")
+    if hasattr(cfg, cls.section) and not isinstance(getattr(cfg, cls.section), str):
+        cfg = getattr(cfg, cls.section)             # a whole Config
+    return cls.from_flat(cfg)
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:

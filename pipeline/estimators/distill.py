@@ -11,10 +11,24 @@ They differ in the retriever's loss, with l_k = log p(y|x,z_k) held constant and
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.estimators.base import Estimator, EstimatorOutput, entropy, sequence_scores
 from pipeline.estimators.marginals import rag_sequence_nll
+from pipeline.estimators.registry import EstimatorSettings, NoSettings, register
+
+
+@dataclass
+class DistillConfig(EstimatorSettings):
+    prefix = "distill"
+    temperature: float = 1.0           # pdist / replug-lsr: target = softmax(generator score / temperature)
+
+    def validate(self, config=None) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{self.key('temperature')}: must be > 0, got {self.temperature}")
 
 
 def pdist_loss(scores: torch.Tensor, target_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -36,6 +50,9 @@ def replug_lsr_loss(scores: torch.Tensor, seq_logprobs: torch.Tensor, temperatur
 
 
 class _Distill(Estimator):
+    config = DistillConfig             # one setting shared by the three: estimator.distill_temperature
+    decoder = "rag-sequence"
+
     def retriever_loss(self, scores, token_lp, mask):
         raise NotImplementedError
 
@@ -52,24 +69,28 @@ class _Distill(Estimator):
         return EstimatorOutput((gen_loss + ret_loss).mean(), diag)
 
 
+@register
 class Pdist(_Distill):
     name = "pdist"
 
     def retriever_loss(self, scores, token_lp, mask):
         mean_ll = sequence_scores(token_lp, mask.unsqueeze(1).expand_as(token_lp), normalized=True)
-        return pdist_loss(scores, mean_ll, self.cfg.distill_temperature)
+        return pdist_loss(scores, mean_ll, self.cfg.temperature)
 
 
+@register
 class Emdr2(_Distill):
     name = "emdr2"
+    config = NoSettings                # no temperature in its loss
 
     def retriever_loss(self, scores, token_lp, mask):
         return emdr2_loss(scores, sequence_scores(token_lp, mask.unsqueeze(1).expand_as(token_lp)))
 
 
+@register
 class ReplugLsr(_Distill):
     name = "replug-lsr"
 
     def retriever_loss(self, scores, token_lp, mask):
         return replug_lsr_loss(scores, sequence_scores(token_lp, mask.unsqueeze(1).expand_as(token_lp)),
-                               self.cfg.distill_temperature)
+                               self.cfg.temperature)

@@ -15,9 +15,13 @@ M-step: loss = -sum_i w_i [log p_sel(list_i | x) + log p(y | x, list_i)], weight
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.estimators.base import Estimator, EstimatorOutput, entropy, sequence_scores
+from pipeline.estimators.registry import EstimatorSettings, register
 
 LIST_SEP = " | "
 
@@ -56,11 +60,29 @@ def dro_loss(sel_logprobs: torch.Tensor, list_loglik: torch.Tensor,
     return -(w * (sel_logprobs + list_loglik)).sum(-1)
 
 
+@dataclass
+class DroConfig(EstimatorSettings):
+    prefix = "dro"
+    num_lists: int = 5                 # n ordered lists sampled per example
+    list_length: int = 2               # passages per list (the generator reads them concatenated)
+
+    def validate(self, config=None) -> None:
+        for name in ("num_lists", "list_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{self.key(name)}: must be >= 1, got {getattr(self, name)}")
+        if config is not None and self.list_length > config.train.k:
+            raise ConfigError(f"{self.key('list_length')}: {self.list_length} > train.k={config.train.k} "
+                              "(lists are drawn from the top-k candidates)")
+
+
+@register
 class Dro(Estimator):
     name = "dro"
+    config = DroConfig
+    decoder = "rag-sequence"
 
     def loss(self, model, questions, answers, rows=None, generator: torch.Generator | None = None):
-        n, length = self.cfg.dro_num_lists, self.cfg.dro_list_length
+        n, length = self.cfg.num_lists, self.cfg.list_length
         if length > self.k:
             raise ValueError(f"estimator.dro_list_length={length} > k={self.k}")
         cand = model.retrieve(questions, self.k)

@@ -1,5 +1,8 @@
 """The `independent` strategy (Lawton et al. 2025): retriever and generator trained apart on context labels.
 
+A strategy objective, not an estimator: `train.strategy=independent` trains this loss instead of train.estimator's
+(which then only chooses the decoder). Its settings keep their keys in `train:` (train.independent_*).
+
 - Retriever: InfoNCE over cosine scores / temperature: each question's gold passage against the other questions'
   gold passages (in-batch negatives) and its own top retrieved non-gold passages (hard negatives).
 - Generator: NLL(y | x, gold passage).
@@ -7,10 +10,14 @@ Needs `gold_passage_ids` on every training row; `require_context_labels` fails w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.estimators.base import Estimator, EstimatorOutput, sequence_scores
+from pipeline.estimators.registry import EstimatorSettings, register_strategy
 
 
 def require_context_labels(rows: list[dict], source: str = "the training data") -> None:
@@ -23,14 +30,39 @@ def require_context_labels(rows: list[dict], source: str = "the training data") 
             "Add gold_passage_ids to the QA file, or use train.strategy=joint or two-phase (answers only).")
 
 
+@dataclass
+class IndependentConfig(EstimatorSettings):
+    # TrainConfig declares the same two keys (train.independent_*) with the same defaults (a test checks)
+    prefix = "independent"
+    section = "train"
+    hard_negatives: int = 4            # top retrieved non-gold passages per question
+    temperature: float = 0.05          # InfoNCE temperature over cosine scores
+
+    def validate(self, config=None) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{self.key('temperature')}: must be > 0, got {self.temperature}")
+        if self.hard_negatives < 0:
+            raise ConfigError(f"{self.key('hard_negatives')}: must be >= 0")
+
+
+@register_strategy("independent", "its own objective: retriever contrastive on gold_passage_ids + generator NLL "
+                                  "on the gold passage (train.estimator only chooses the decoder)")
 class Independent(Estimator):
     name = "independent"
+    config = IndependentConfig
     needs_rows = True
 
-    def __init__(self, k: int = 5, cfg=None, hard_negatives: int = 4, temperature: float = 0.05):
+    def __init__(self, k: int = 5, cfg=None, hard_negatives: int | None = None, temperature: float | None = None):
         super().__init__(k, cfg)
-        self.hard_negatives, self.temperature = hard_negatives, temperature
+        self.hard_negatives = self.cfg.hard_negatives if hard_negatives is None else hard_negatives
+        self.temperature = self.cfg.temperature if temperature is None else temperature
         self._row_of, self._row_of_index = None, None
+
+    @classmethod
+    def for_strategy(cls, estimator, train_cfg, rows: list[dict], data_source: str = "the training data"):
+        """The objective of train.strategy=independent, in place of `estimator` (whose k it keeps)."""
+        require_context_labels(rows, data_source)
+        return cls(k=getattr(estimator, "k", 5), cfg=IndependentConfig.from_flat(train_cfg))
 
     def _gold_rows(self, model, rows) -> list[int]:
         if self._row_of is None or self._row_of_index is not model.index:

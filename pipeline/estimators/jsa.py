@@ -24,7 +24,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.estimators.base import Estimator, EstimatorOutput, entropy, masked_log_softmax, sequence_scores
+from pipeline.estimators.registry import EstimatorSettings, register
+
+
+@dataclass
+class JsaConfig(EstimatorSettings):
+    prefix = "jsa"
+    num_proposals: int = 20            # Metropolis independence sampler steps (proposals) per example
+    likelihood: str = "exact"          # exact | normalized (per-token mean log-likelihood in the ratio)
+    cache: bool = True                 # start each chain from the example's last accepted passage
+
+    def validate(self, config=None) -> None:
+        if self.likelihood not in ("exact", "normalized"):
+            raise ConfigError(f"{self.key('likelihood')}: {self.likelihood!r}; choose exact or normalized")
+        if self.num_proposals < 1:
+            raise ConfigError(f"{self.key('num_proposals')}: must be >= 1, got {self.num_proposals}")
 
 
 def mis_chain(log_w: torch.Tensor, proposals: torch.Tensor, init: torch.Tensor, uniforms: torch.Tensor):
@@ -81,8 +97,11 @@ class JsaSample:
     scored: int                 # generator rows scored without gradient
 
 
+@register
 class Jsa(Estimator):
     name = "jsa"
+    config = JsaConfig
+    decoder = "rag-sequence"
     needs_posterior = True
     needs_rows = True
 
@@ -113,16 +132,16 @@ class Jsa(Estimator):
 
     # ------------------------------------------------------------------------------------------ sampler
     def sample(self, model, questions, answers, rows=None, generator: torch.Generator | None = None) -> JsaSample:
-        b, n = len(questions), self.cfg.jsa_num_proposals
+        b, n = len(questions), self.cfg.num_proposals
         prior_q = model.query_encoder(questions)                                   # grad -> prior
         post_q = model.posterior_vectors(questions, answers)                       # grad -> posterior
         prior_rows, post_rows = model.search_rows(prior_q, self.k), model.search_rows(post_q, self.k)
         keys = self.keys(questions, rows)
-        row_of = self._row_lookup(model) if self.cfg.jsa_cache and self.cache else {}
+        row_of = self._row_lookup(model) if self.cfg.cache and self.cache else {}
         sets, init = [], []
         for i in range(b):
             members = list(dict.fromkeys(int(r) for r in (*prior_rows[i], *post_rows[i])))
-            cached = row_of.get(self.cache.get(keys[i], "")) if self.cfg.jsa_cache else None
+            cached = row_of.get(self.cache.get(keys[i], "")) if self.cfg.cache else None
             if cached is not None and cached not in members:
                 members.append(cached)
             init.append(members.index(cached) if cached is not None else -1)
@@ -147,7 +166,7 @@ class Jsa(Estimator):
                                                   [model.row_text(int(c_rows[i, j])) for i, j in flat],
                                                   [answers[i] for i, _ in flat])
             model.generator.train(was_training)
-            ell = sequence_scores(token_lp.double(), tmask, normalized=self.cfg.jsa_likelihood == "normalized")
+            ell = sequence_scores(token_lp.double(), tmask, normalized=self.cfg.likelihood == "normalized")
             loglik = torch.full((b, m), float("nan"), dtype=torch.float64, device=prior_q.device)
             loglik[torch.tensor([i for i, _ in flat]), torch.tensor([j for _, j in flat])] = ell
             log_w = (log_prior.detach().double() + loglik - log_post.detach().double()).nan_to_num(nan=-1e30)
@@ -167,7 +186,7 @@ class Jsa(Estimator):
         seq_full = torch.zeros(b, m, dtype=seq.dtype, device=seq.device)
         seq_full = seq_full.index_put((torch.tensor([i for i, _ in used]), torch.tensor([j for _, j in used])), seq)
         per_example = jsa_loss(weights, seq_full, s.log_prior, s.log_post)
-        if self.cfg.jsa_cache:
+        if self.cfg.cache:
             for i, key in enumerate(self.keys(questions, rows)):
                 self.cache[key] = str(model.index.ids[int(s.rows[i, int(s.states[i, -1])])])
         with torch.no_grad():

@@ -5,10 +5,13 @@ import torch
 
 from pipeline.estimators.base import Estimator, EstimatorOutput, entropy
 from pipeline.estimators.marginals import passage_posterior, rag_sequence_nll
+from pipeline.estimators.registry import register
 
 
+@register
 class RagSequence(Estimator):
     name = "rag-sequence"
+    decoder = "rag-sequence"
     marginal = staticmethod(rag_sequence_nll)
 
     def loss(self, model, questions, answers, rows=None):

@@ -13,10 +13,27 @@ is pushed down on its own wrong candidates; it scores up to 2K passages per exam
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.estimators.base import Estimator, EstimatorOutput, entropy, masked_log_softmax, union_rows
 from pipeline.estimators.marginals import sequence_logprobs
+from pipeline.estimators.registry import EstimatorSettings, register
+
+
+@dataclass
+class VragConfig(EstimatorSettings):
+    prefix = "vrag"
+    beta: float = 1.0                  # weight of KL(q || p) in the ELBO
+    candidates: str = "posterior"      # C = posterior top-K, or union (prior top-K ∪ posterior top-K)
+
+    def validate(self, config=None) -> None:
+        if self.candidates not in ("posterior", "union"):
+            raise ConfigError(f"{self.key('candidates')}: {self.candidates!r}; choose posterior or union")
+        if self.beta < 0:
+            raise ConfigError(f"{self.key('beta')}: must be >= 0, got {self.beta}")
 
 
 def vrag_loss(post_logits: torch.Tensor, prior_logits: torch.Tensor, seq_logprobs: torch.Tensor,
@@ -32,15 +49,18 @@ def vrag_loss(post_logits: torch.Tensor, prior_logits: torch.Tensor, seq_logprob
     return nll + beta * kl, nll, kl
 
 
+@register
 class Vrag(Estimator):
     name = "vrag"
+    config = VragConfig
+    decoder = "rag-sequence"
     needs_posterior = True
 
     def loss(self, model, questions, answers, rows=None):
         cand = model.retrieve_posterior(questions, answers, self.k)          # posterior top-K (no grad search)
         prior_q = model.query_encoder(questions)
         mask = None
-        if self.cfg.vrag_candidates == "union":
+        if self.cfg.candidates == "union":
             c_rows, mask = union_rows(model.search_rows(prior_q, self.k), cand.rows)
             cand = model.candidates(c_rows, cand.query_vectors)
             mask = mask.to(prior_q.device)
@@ -48,7 +68,7 @@ class Vrag(Estimator):
         prior_scores = model.score_rows(prior_q, cand.rows)                   # grad -> prior encoder
         token_lp, tmask = model.answer_token_logprobs(questions, cand, answers)     # grad -> generator
         seq = sequence_logprobs(token_lp, tmask)
-        loss, nll, kl = vrag_loss(post_scores, prior_scores, seq, self.cfg.vrag_beta, mask)
+        loss, nll, kl = vrag_loss(post_scores, prior_scores, seq, self.cfg.beta, mask)
         with torch.no_grad():
             log_q = masked_log_softmax(post_scores, mask)
             log_p = masked_log_softmax(prior_scores, mask)
