@@ -130,7 +130,8 @@ def bench_single_process(texts: list[str], threads: int, batch_size: int) -> dic
 
 def bench_ray_data(passages: Path, out: Path, cores: int, batch_size: int, encode_batch_size: int,
                    num_actors: int) -> dict:
-    from jobs.encode import encode_passages, load_embeddings
+    from jobs.encode import encode_passages
+    from pipeline.embeddings import load_embeddings
 
     threads = max(1, cores // num_actors)
     load = os.getloadavg()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.index import passage_text
+from pipeline.index import SearchIndex, passage_text
 from pipeline.models.generator import Generator
 from pipeline.models.retriever import TextEncoder
 
@@ -49,7 +49,7 @@ def posterior_query(question: str, answer: str) -> str:
 
 
 class RagModel(nn.Module):
-    def __init__(self, query_encoder: TextEncoder, generator: Generator, index, tau: float = 0.05,
+    def __init__(self, query_encoder: TextEncoder, generator: Generator, index: SearchIndex, tau: float = 0.05,
                  posterior_encoder: TextEncoder | None = None, passage_encoder: TextEncoder | None = None,
                  rerank_top_m: int = 0):
         super().__init__()
@@ -60,10 +60,10 @@ class RagModel(nn.Module):
         # (with gradient) instead of the index's, and the index is refreshed in the background (pipeline.refresh)
         self.passage_encoder = passage_encoder
         self.rerank_top_m = int(rerank_top_m)          # > k: re-rank the index's top-M with the passage encoder
-        self.index = index               # pipeline.index.LoadedIndex (not a module: it is not trained here)
+        self.index = index               # a SearchIndex (not a module: it is not trained here)
         self.tau = tau
 
-    def set_index(self, index) -> None:
+    def set_index(self, index: SearchIndex) -> None:
         """Switch to another index version (an index refresh); call it between steps, never inside one."""
         self.index = index
 

@@ -29,8 +29,9 @@ class SearchIndex(Protocol):
     def __len__(self) -> int: ...
 
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """query_vectors float32 [B, dim] -> (scores float32 [B, k], rows int64 [B, k]), best first; rows -1 (and
-        score -inf for "ip") pad a result when the index holds fewer than k rows."""
+        """query_vectors float32 [B, dim] -> (scores float32 [B, k], rows int64 [B, k]), best first (inner product
+        for "ip", squared distance for "l2"); rows -1 pad a result when the index holds fewer than k rows, with the
+        worst score (-inf, or FAISS's -FLT_MAX, for "ip"): compare the scores of real rows only."""
         ...
 
     def passage(self, row: int) -> dict:

@@ -91,7 +91,8 @@ def test_encode_killed_mid_job_keeps_finished_shards_and_resumes(ray_local, tmp_
 
     import numpy as np
 
-    from jobs.encode import SUMMARY_NAME, encode_passages, load_embeddings
+    from jobs.encode import encode_passages
+    from pipeline.embeddings import SUMMARY_NAME, load_embeddings
 
     passages = tmp_path / "passages"
     _write_many_shards(passages)
@@ -138,7 +139,8 @@ def test_encode_killed_mid_job_keeps_finished_shards_and_resumes(ray_local, tmp_
 def test_bad_embedding_shards_give_no_index_and_ivfpq_builds_shard_parallel(ray_local, tmp_path):
     import numpy as np
 
-    from jobs.encode import EmbeddingsFormatError, encode_passages
+    from jobs.encode import encode_passages
+    from pipeline.embeddings import EmbeddingsFormatError
     from jobs.index import build_index, scratch_dir
     from pipeline.index import build_faiss_index, list_versions, load_index
 
