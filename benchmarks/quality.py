@@ -9,7 +9,7 @@ every run from the same start with the same budget (steps, K), on the synthetic 
 Writes OUT_DIR/quality.json, quality.md (the table), learning_curves_<dataset>.png, recall_<dataset>.png and
 logs them with every run's metrics to MLflow (OUT_DIR/mlflow.db unless MLFLOW_TRACKING_URI is set).
 
-Runs in one process without Ray: the training step is the same `pipeline.training.RagTrainer` the Ray job runs, so
+Runs in one process without Ray: the training loop is the same `pipeline.recipe.TrainRecipe` the Ray job runs, so
 the figures are about learning, not Ray's fixed costs. Answers-only training for every estimator (gold passage ids
 are read only for recall) except the `independent` strategy, which by definition trains on them (marked in the
 table). BM25 (bm25s) and the frozen MiniLM retriever are the zero-training baselines.
@@ -36,13 +36,12 @@ from benchmarks.estimator_bench import measure_estimator  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.estimators import build_estimator  # noqa: E402
-from pipeline.evaluation import evaluate  # noqa: E402
 from pipeline.metrics import normalize_answer, recall_at_k  # noqa: E402
-from pipeline.models.generator import build_generator  # noqa: E402
+from pipeline.models.assembly import build_model  # noqa: E402
 from pipeline.models.retriever import TextEncoder  # noqa: E402
-from pipeline.rag import RagModel  # noqa: E402
+from pipeline.recipe import Events, TrainRecipe  # noqa: E402
 from pipeline.synthetic import generate_knowledge_base  # noqa: E402
-from pipeline.training import RagTrainer, seed_everything  # noqa: E402
+from pipeline.training import seed_everything  # noqa: E402
 
 KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20")
 RUNS = {  # label -> (estimator, strategy, config overrides of that run)
@@ -108,38 +107,42 @@ def bm25_recall(passages, test) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def build_model(cfg, index, train, seed: int):
-    seed_everything(seed)
-    answers = [a for r in train for a in r["answers"]]
-    return RagModel(TextEncoder(cfg.retriever.encoder, max_length=cfg.retriever.max_length),
-                    build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
+class CurveEvents(Events):
+    """The benchmark's side of the recipe: gradient norms every step, the test metrics at each evaluation."""
+
+    def __init__(self, label: str, seed: int):
+        self.label, self.seed, self.grads, self.curve, self.t0 = label, seed, [], [], time.time()
+
+    def after_step(self, recipe, m):
+        self.grads.append({"step": recipe.step, "retriever": m["grad_norm/retriever"],
+                           "generator": m["grad_norm/generator"], "loss": m["loss"]})
+
+    def report(self, recipe, report, write_checkpoint):
+        r = {k[len("dev_"):]: v for k, v in report.items() if k.startswith("dev_")}
+        self.curve.append({"step": report["step"], **{k: r.get(k) for k in KEYS}})
+        print(f"  {self.label:>13} seed {self.seed} step {report['step']:4d}  "
+              + "  ".join(f"{k} {r[k]:.3f}" for k in KEYS if r.get(k) is not None)
+              + f"  ({(time.time() - self.t0) / max(recipe.step, 1):.2f} s/step)", flush=True)
 
 
 def run_one(label, cfg, index, data, seed, args) -> dict:
+    """One run of the training recipe, the test questions evaluated every `--eval-every` steps."""
     estimator, strategy, _ = RUNS[label]
     cfg.train.strategy, cfg.train.estimator, cfg.train.seed = strategy, estimator, seed
+    cfg.train.eval_every, cfg.train.checkpoint_every, cfg.eval.max_questions = args.eval_every, 0, 0
+    cfg.train.torch_threads = args.threads
     test = data["test"][:args.max_eval] if args.max_eval else data["test"]
-    model = build_model(cfg, index, data["train"], seed)
-    est = build_estimator(estimator, k=cfg.train.k, cfg=cfg.estimator)
-    decode_as = "rag-token" if estimator == "rag-token" else "rag-sequence"
-    opts = {"k": cfg.eval.k, "estimator": decode_as, "decode": cfg.eval.decode, "num_beams": cfg.eval.num_beams}
-    start, _ = evaluate(model, test, **opts)
-    curve = [{"step": 0, **{k: start[k] for k in KEYS}}]
-    trainer = RagTrainer(model, est, data["train"], cfg.train, cfg.retriever.lr, cfg.generator.lr)
-    grads, t0 = [], time.time()
-    while trainer.step_num < cfg.train.max_steps:
-        m = trainer.step()
-        grads.append({"step": trainer.step_num, "retriever": m["grad_norm/retriever"],
-                      "generator": m["grad_norm/generator"], "loss": m["loss"]})
-        if trainer.step_num % args.eval_every == 0 or trainer.step_num == cfg.train.max_steps:
-            r, _ = evaluate(model, test, **opts)
-            curve.append({"step": trainer.step_num, **{k: r[k] for k in KEYS}})
-            print(f"  {label:>13} seed {seed} step {trainer.step_num:4d}  "
-                  + "  ".join(f"{k} {r[k]:.3f}" for k in KEYS if r[k] is not None)
-                  + f"  ({(time.time() - t0) / trainer.step_num:.2f} s/step)", flush=True)
+    events = CurveEvents(label, seed)
+    recipe = TrainRecipe(cfg, data["train"], test, events=events).setup(index)
+    start, _ = recipe.evaluate(test, nll=False)
+    events.curve.append({"step": 0, **{k: start[k] for k in KEYS}})
+    events.t0 = time.time()
+    recipe.train()
+    recipe.cleanup()
+    curve = events.curve
     return {"label": label, "estimator": estimator, "strategy": strategy, "seed": seed, "start": curve[0],
-            "end": curve[-1], "curve": curve, "grad_norms": grads,
-            "s_per_step": (time.time() - t0) / cfg.train.max_steps,
+            "end": curve[-1], "curve": curve, "grad_norms": events.grads,
+            "s_per_step": (time.time() - events.t0) / cfg.train.max_steps,
             "uses_gold_passages": strategy == "independent"}
 
 
@@ -147,7 +150,8 @@ def gradient_variance(label, cfg, index, data, args) -> dict | None:
     estimator, strategy, _ = RUNS[label]
     if strategy != "joint" or args.variance_repeats == 0:
         return None                                   # a strategy, not a gradient estimator of the marginal; or off
-    model = build_model(cfg, index, data["train"], 0)
+    seed_everything(0)
+    model = build_model(cfg, index, data["train"])
     est = build_estimator(estimator, k=cfg.train.k, cfg=cfg.estimator)
     batch = data["train"][:args.variance_batch]
     r = measure_estimator(model, est, batch, repeats=args.variance_repeats)

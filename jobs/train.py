@@ -22,35 +22,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, ConfigError, load_config, save_config
+from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
 from pipeline.data import DataError, read_qa
+from pipeline.index import load_index
+from pipeline.recipe import Events, TrainRecipe, evaluate_run
 
 RESULT_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "num_questions")
-
-
-def build_model(cfg: Config, index, train_rows: list[dict] | None = None):
-    from pipeline.models.generator import build_generator
-    from pipeline.models.retriever import TextEncoder
-    from pipeline.rag import RagModel
-
-    from pipeline.estimators import REGISTRY
-
-    if cfg.train.strategy == "independent" and train_rows is not None:   # fail before any training starts
-        from pipeline.estimators.independent import require_context_labels
-
-        require_context_labels(train_rows, f"data.train_qa ({cfg.data.train_qa})" if cfg.data.train_qa
-                               else "the training questions")
-    encoder = TextEncoder(cfg.retriever.encoder, pooling=cfg.retriever.pooling, normalize=cfg.retriever.normalize,
-                          max_length=cfg.retriever.max_length)
-    answers = [a for r in train_rows for a in r["answers"]] if train_rows else None
-    model = RagModel(encoder, build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
-    if REGISTRY[cfg.train.estimator].needs_posterior and cfg.train.strategy != "independent":
-        model.add_posterior_encoder()            # q(z|x,y), initialised from the prior's weights
-    if cfg.retriever.train_passage_encoder:      # a trainable passage encoder + index refresh (jobs/refresh.py)
-        from jobs.refresh import attach_passage_encoder
-
-        attach_passage_encoder(model, cfg)
-    return model
 
 
 def _log(msg: str) -> None:
@@ -61,11 +38,6 @@ def _log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- worker side
-def dev_score(dev: dict, metric: str) -> float:
-    """The checkpoint-selection score: one dev metric (`f1`, `recall@5`, ...) or a sum of them (`em+recall@1`)."""
-    return float(sum(dev.get(k.strip()) or 0.0 for k in metric.split("+")))
-
-
 def _mlflow_key(k: str) -> str:
     return k.replace("@", "_at_")
 
@@ -130,47 +102,61 @@ class _Trace:
                 os.fsync(f.fileno())
 
 
+class RayTrainEvents(Events):
+    """The Ray Train worker's side of the recipe: the trace, the index refresh, the log line and MLflow (rank 0),
+    and `ray.train.report` with the checkpoint."""
+
+    wants_checkpoints = True
+
+    def __init__(self, cfg: Config, rank: int, trace: _Trace, mlflow, refresh):
+        self.cfg, self.rank, self.trace, self.mlflow, self.refresh = cfg, rank, trace, mlflow, refresh
+
+    def after_step(self, recipe, metrics):
+        self.trace.write(step=recipe.step - 1, indices=recipe.trainer.last_indices)
+        if self.refresh is not None:
+            self.refresh(recipe.model, recipe.step)   # a finished refresh build is switched to here, between steps
+
+    def log(self, recipe, step, m):
+        if self.rank != 0:
+            return
+        _log(f"[train] step {step}/{self.cfg.train.max_steps}  loss {m['loss_mean']:.3f}  "
+             f"{m['steps_per_s']:.2f} steps/s  {m['examples_per_s']:.1f} ex/s  {recipe.trainer.phase()}")
+        if self.mlflow:
+            self.mlflow.log_metrics({_mlflow_key(k): float(v) for k, v in m.items()
+                                     if isinstance(v, (int, float)) and v == v and k != "loss_mean"}, step=step)
+
+    def report(self, recipe, report, write_checkpoint):
+        import ray.train
+        from ray.train import Checkpoint
+
+        step = report["step"]
+        if self.rank == 0 and "dev_em" in report:
+            _log(f"[train] step {step} dev em {report['dev_em']:.3f} f1 {report['dev_f1']:.3f} "
+                 f"recall@1 {report.get('dev_recall@1')} recall@5 {report.get('dev_recall@5')}  "
+                 f"({self.cfg.train.best_metric} {report['dev_score']:.3f})")
+            if self.mlflow:
+                self.mlflow.log_metrics({_mlflow_key(k): float(v) for k, v in report.items()
+                                         if k.startswith("dev_") and isinstance(v, (int, float))}, step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_checkpoint(Path(tmp) / "ckpt") if write_checkpoint is not None else None
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(path)) if path else None)
+
+    def close(self):
+        if self.refresh is not None:
+            self.refresh.close()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker. `config` holds the resolved run config and paths, all plain values."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
-    from pipeline.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
-    from pipeline.config import from_dict
-    from pipeline.estimators import build_estimator
-    from pipeline.evaluation import evaluate
-    from pipeline.index import load_index
-    from pipeline.training import RagTrainer, seed_everything
+    from jobs.refresh import make_refresh_hook   # index refresh while the passage encoder trains (None: off)
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.train.torch_threads)
-    seed_everything(cfg.train.seed)          # same seed on every rank: identical initial weights
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    trace = _Trace(cfg.output_dir, rank, cfg.train.trace)
-
-    trainer_state = None
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:               # restarted after a failure: continue from the last checkpoint
-        with checkpoint.as_directory() as d:
-            model, _, _ = load_checkpoint(d)
-            trainer_state = load_trainer_state(d)
-            resume_dir = "ray checkpoint"
-    elif config.get("resume_from"):
-        model, _, _ = load_checkpoint(config["resume_from"])
-        trainer_state = load_trainer_state(config["resume_from"])
-        resume_dir = config["resume_from"]
-    else:
-        model = build_model(cfg, load_index(config["index_dir"]), config["train_rows"])
-    if cfg.index.search_shards > 1:            # a large index: search through shard actors (owned by this worker)
-        model.set_index(open_train_index(model.index.path, cfg))
-    model.to(device)
-
-    estimator = build_estimator(cfg.train.estimator, k=cfg.train.k, cfg=cfg.estimator)
-    rows = config["train_rows"]
 
     def wrap(module):
         # DDP when world > 1 (identity otherwise); find_unused_parameters: MiniLM's pooler and any head the
@@ -178,88 +164,34 @@ def train_loop_per_worker(config: dict) -> None:
         return ray.train.torch.prepare_model(module, move_to_device=False,
                                              parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    autocast = "cuda" if device.type == "cuda" and cfg.train.precision == "bf16" else None
-    trainer = RagTrainer(model, estimator, rows, cfg.train, cfg.retriever.lr if cfg.retriever.train_query_encoder
-                         else 0.0, cfg.generator.lr, rank=rank, world_size=world,
-                         data_source=f"data.train_qa ({cfg.data.train_qa})" if cfg.data.train_qa
-                         else "the synthetic training questions", wrap=wrap, autocast=autocast)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
-        if rank == 0:
-            _log(f"[train] resumed from {resume_dir} at step {trainer.step_num}")
-    trace.write(event="start", pid=os.getpid(), step=trainer.step_num, world_size=world,
+    recipe = TrainRecipe(cfg, config["train_rows"], config.get("dev_rows"), rank=rank, world_size=world,
+                         device=device, wrap=wrap,
+                         autocast="cuda" if device.type == "cuda" and cfg.train.precision == "bf16" else None,
+                         open_index=(lambda d: open_train_index(d, cfg)) if cfg.index.search_shards > 1 else None)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:               # restarted after a failure, or --resume of this run
+        with checkpoint.as_directory() as d:
+            recipe.setup(checkpoint_dir=d)
+        origin = "ray checkpoint"
+    elif config.get("resume_from"):          # --resume from OUTPUT_DIR/checkpoint
+        recipe.setup(checkpoint_dir=config["resume_from"])
+        origin = config["resume_from"]
+    else:
+        recipe.setup(load_index(config["index_dir"]))
+    if recipe.resumed_from is not None and rank == 0:
+        _log(f"[train] resumed from {origin} at step {recipe.step}")
+    trace = _Trace(cfg.output_dir, rank, cfg.train.trace)
+    trace.write(event="start", pid=os.getpid(), step=recipe.step, world_size=world,
                 estimator_state_size=sum(len(v) if isinstance(v, dict) else 1
-                                         for v in estimator.state_dict().values()))
-
+                                         for v in recipe.trainer.estimator.state_dict().values()))
     mlflow = _attach_mlflow(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") \
         else None
-    from jobs.refresh import make_refresh_hook   # index refresh while the passage encoder trains (None: off)
-
     refresh = make_refresh_hook(cfg, config["index_dir"], cfg.output_dir, rank, world, log=_log,
                                 log_metrics=(lambda m, s: mlflow.log_metrics(m, step=s)) if mlflow else None,
                                 open_index=lambda d: open_train_index(d, cfg))
-    total = cfg.train.max_steps
-    every_ckpt = cfg.train.checkpoint_every or total
-    use_dev = bool(cfg.train.eval_every and config.get("dev_rows"))
-    t0, steps_since, window_loss = time.time(), 0, []
-    t_first, first_step, examples_since_first = None, trainer.step_num, 0.0   # throughput after the first step
-    while trainer.step_num < total:
-        metrics = trainer.step()
-        trace.write(step=trainer.step_num - 1, indices=trainer.last_indices)
-        if refresh is not None:
-            refresh(model, trainer.step_num)     # a finished refresh build is switched to here, between steps
-        if t_first is None:
-            t_first = time.time()
-        else:
-            examples_since_first += metrics["examples"]
-        steps_since += 1
-        window_loss.append(metrics["loss"])
-        step = trainer.step_num
-        if rank == 0 and (step % cfg.train.log_every == 0 or step == total):
-            elapsed = max(time.time() - t0, 1e-9)
-            rate = steps_since / elapsed
-            examples_per_s = steps_since * metrics["examples"] / elapsed
-            phase = trainer.phase()
-            _log(f"[train] step {step}/{total}  loss {sum(window_loss) / len(window_loss):.3f}  "
-                 f"{rate:.2f} steps/s  {examples_per_s:.1f} ex/s  {phase}")
-            if mlflow:
-                mlflow.log_metrics({_mlflow_key(k): float(v) for k, v in metrics.items()
-                                    if isinstance(v, (int, float)) and v == v}
-                                   | {"steps_per_s": rate, "examples_per_s": examples_per_s}, step=step)
-            t0, steps_since, window_loss = time.time(), 0, []
-        report = {"step": step, "loss": metrics["loss"]}
-        if step - first_step > 1:
-            report["train_examples_per_s"] = examples_since_first / max(time.time() - t_first, 1e-9)
-        if use_dev and step % cfg.train.eval_every == 0:
-            if rank == 0:
-                dev, _ = evaluate(model, config["dev_rows"], k=cfg.eval.k, estimator=cfg.train.estimator,
-                                  max_questions=cfg.eval.max_questions)
-                report.update({f"dev_{k}": v for k, v in dev.items() if v is not None})
-                report["dev_score"] = dev_score(dev, cfg.train.best_metric)
-                _log(f"[train] step {step} dev em {dev['em']:.3f} f1 {dev['f1']:.3f} "
-                     f"recall@1 {dev['recall@1']} recall@5 {dev['recall@5']}  "
-                     f"({cfg.train.best_metric} {report['dev_score']:.3f})")
-                if mlflow:
-                    mlflow.log_metrics({_mlflow_key(f"dev_{k}"): float(v) for k, v in dev.items()
-                                        if isinstance(v, (int, float))}
-                                       | {"dev_score": report["dev_score"]}, step=step)
-            else:
-                report["dev_score"] = float("nan")
-        if step % every_ckpt == 0 or step == total:
-            state = trainer.state_dict()        # a collective: every rank's RNG and estimator state
-            if use_dev and "dev_score" not in report:
-                report["dev_score"] = float("-inf")    # checkpoints between evaluations never count as best
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(Path(tmp) / "ckpt", model, cfg, step, state,
-                                    extra={"data_position": state["data"]["position"], "world_size": world})
-                    ckpt = Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
-                ray.train.report(report, checkpoint=ckpt)
-        elif "dev_score" in report:
-            ray.train.report(report)
-    if refresh is not None:
-        refresh.close()
+    recipe.events = RayTrainEvents(cfg, rank, trace, mlflow, refresh)
+    recipe.train()
+    recipe.cleanup()
 
 
 # --------------------------------------------------------------------------------------------- driver side
@@ -367,8 +299,6 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     from jobs.guard import DriverGuard
     from jobs.index import build_index
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.evaluation import evaluate
-    from pipeline.index import load_index
 
     output_dir = Path(output_dir).resolve()
     plan = plan_resume(output_dir) if resume else None       # nothing to resume: refused before any write
@@ -412,15 +342,10 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
 
         # 2. the untrained start
-        torch.set_num_threads(cfg.train.torch_threads)
-        from pipeline.training import seed_everything
-        seed_everything(cfg.train.seed)
-        initial_model = build_model(cfg, index, train_rows)
+        start = TrainRecipe(cfg, train_rows).setup(index)       # the same start as every worker's
         _log(f"[eval] untrained start on {len(eval_rows)} questions ...")
-        initial, _ = evaluate(initial_model, eval_rows, k=cfg.eval.k, estimator=cfg.train.estimator,
-                              decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,
-                              max_questions=cfg.eval.max_questions)
-        del initial_model
+        initial, _ = start.evaluate(eval_rows)
+        start.cleanup()
         tracker.log_metrics({f"initial_{k}": v for k, v in initial.items() if v is not None})
         _log("[eval] untrained: " + _fmt(initial))
 
@@ -467,9 +392,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
 
         # 4. the trained model
         model, _, meta = load_checkpoint(final_dir)
-        final, predictions = evaluate(model, eval_rows, k=cfg.eval.k, estimator=cfg.train.estimator,
-                                      decode=cfg.eval.decode, num_beams=cfg.eval.num_beams,
-                                      max_questions=cfg.eval.max_questions)
+        final, predictions = evaluate_run(model, eval_rows, cfg)
         metrics = {**final, "k": cfg.eval.k, "estimator": cfg.train.estimator, "strategy": cfg.train.strategy,
                    "index_version": model.index.version, "index_dir": str(model.index.path), "steps": meta["step"],
                    "train_seconds": round(train_seconds, 1), "initial": initial,

@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from jobs.train import build_model, prepare_passages, train_loop_per_worker
+from jobs.train import prepare_passages, train_loop_per_worker
 from pipeline import sweep
 from pipeline.config import Config, ConfigError, from_dict
 from pipeline.data import DataError, read_qa
+from pipeline.index import load_index
+from pipeline.recipe import Events, TrainRecipe
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune.yaml"
 STATE_FILE = "sweep_state.json"
@@ -61,78 +61,43 @@ def child_tracker(tracking_uri: str, parent_run_id: str, trial_id: str, trial_na
 
 
 # --------------------------------------------------------------------------------------------- trial side
-def _estimator(cfg: Config):
-    import inspect
+class TuneEvents(Events):
+    """A function trainable's side of the recipe: per-step metrics to the trial's MLflow run, dev reports with
+    `score` to Tune."""
 
-    from pipeline.estimators import build_estimator
+    def __init__(self, tracker, metric: str, tie_break: str | None):
+        self.tracker, self.metric, self.tie_break = tracker, metric, tie_break
 
-    kwargs = {"k": cfg.train.k}
-    if "cfg" in inspect.signature(build_estimator).parameters and hasattr(cfg, "estimator"):
-        kwargs["cfg"] = cfg.estimator
-    return build_estimator(cfg.train.estimator, **kwargs)
+    def log(self, recipe, step, metrics):
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("loss_mean",)}, step=step)
 
+    def report(self, recipe, report, write_checkpoint):
+        import ray.tune
 
-@torch.no_grad()
-def dev_metrics(model, rows: list[dict], cfg: Config, batch_size: int = 32) -> dict:
-    """EM / F1 / recall@k of decoded answers, and the rag-sequence marginal NLL of the gold answer over the top-k
-    (the same quantity for every estimator, so trials with different estimators compare)."""
-    from pipeline.estimators import build_estimator
-    from pipeline.evaluation import evaluate
-
-    rows = rows[:cfg.eval.max_questions] if cfg.eval.max_questions else rows
-    metrics, _ = evaluate(model, rows, k=cfg.eval.k, estimator=cfg.train.estimator, decode=cfg.eval.decode,
-                          num_beams=cfg.eval.num_beams)
-    was_training = model.training
-    model.eval()
-    marginal = build_estimator("rag-sequence", k=cfg.eval.k)
-    total = 0.0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        out = marginal.loss(model, [r["question"] for r in chunk], [r["answers"][0] for r in chunk])
-        total += float(out.loss) * len(chunk)
-    model.train(was_training)
-    out = {f"dev_{k}": v for k, v in metrics.items() if v is not None}
-    out["dev_nll"] = total / max(len(rows), 1)
-    return out
+        report = {**report, "score": sweep.combined_score(report, self.metric, self.tie_break,
+                                                          report.get("dev_num_questions"))}
+        self.tracker.log_metrics({k: v for k, v in report.items() if k != "step"}, step=report["step"])
+        if report["step"] == recipe.cfg.train.max_steps:
+            self.tracker.end()          # before the last report: after it, Tune may stop this process at once
+        ray.tune.report(report)
 
 
 def trial_in_process(params: dict, base_cfg: dict, settings: dict, index_dir: str, train_rows: list,
                      dev_rows: list, tracking_uri: str, parent_run_id: str, phase: str, metric: str,
                      tie_break: str | None, every: int) -> None:
-    """A function trainable (train.num_workers == 1): the RagTrainer loop in this process; dev metrics go to Tune
-    every `every` steps."""
+    """A function trainable (train.num_workers == 1): the training recipe in this process; dev metrics go to Tune
+    every `every` steps and at the last."""
     import ray.tune
 
-    from pipeline.index import load_index
-    from pipeline.training import RagTrainer, seed_everything
-
     cfg = sweep.trial_config(from_dict(base_cfg), params, settings)
+    cfg.train.eval_every, cfg.train.checkpoint_every = every, 0
     ctx = ray.tune.get_context()
     tracker = child_tracker(tracking_uri, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(), phase)
     tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-    torch.set_num_threads(cfg.train.torch_threads)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg, load_index(index_dir), train_rows)
-    estimator = _estimator(cfg)                  # RagTrainer calls estimator.prepare(model) itself
-    trainer = RagTrainer(model, estimator, train_rows, cfg.train,
-                         cfg.retriever.lr if cfg.retriever.train_query_encoder else 0.0, cfg.generator.lr)
-    total = cfg.train.max_steps
-    window = []
-    while trainer.step_num < total:
-        m = trainer.step()
-        window.append(m["loss"])
-        step = trainer.step_num
-        if step % cfg.train.log_every == 0 or step == total:
-            tracker.log_metrics(m, step=step)
-        if step % every == 0 or step == total:
-            dev = dev_metrics(model, dev_rows, cfg)
-            score = sweep.combined_score(dev, metric, tie_break, dev.get("dev_num_questions"))
-            report = {"step": step, "loss": sum(window) / len(window), **dev, "score": score}
-            window = []
-            tracker.log_metrics({k: v for k, v in report.items() if k != "step"}, step=step)
-            if step == total:
-                tracker.end()        # before the last report: after it, Tune may stop this process at once
-            ray.tune.report(report)
+    recipe = TrainRecipe(cfg, train_rows, dev_rows, events=TuneEvents(tracker, metric, tie_break))
+    recipe.setup(load_index(index_dir))
+    recipe.train()
+    recipe.cleanup()
 
 
 def _score_callback(metric: str, tie_break: str | None):
@@ -145,9 +110,7 @@ def _score_callback(metric: str, tie_break: str | None):
             m = dict(metrics[0])
             if metric not in m:
                 return
-            # train_loop_per_worker reports no dev nll: break ties by the first rate it does report
-            tie = next((t for t in (tie_break, "dev_f1", "dev_recall@1") if t and t != metric and t in m), None)
-            m["score"] = sweep.combined_score(m, metric, tie, m.get("dev_num_questions"))
+            m["score"] = sweep.combined_score(m, metric, tie_break, m.get("dev_num_questions"))
             super().after_report(run_context, [m] + list(metrics[1:]), checkpoint)
 
     return ScoreReportCallback()
@@ -188,7 +151,6 @@ def prepare_data(cfg: Config, out: Path, index: str | None, resume: bool) -> dic
     """Rows and the index every trial reuses, plus the data paths best_config.yaml points at."""
     from jobs.index import build_index
     from pipeline.data import chunk_passages, write_passages
-    from pipeline.index import load_index
 
     if cfg.data.corpus is None:                     # the built-in synthetic knowledge base
         from pipeline.synthetic import generate_knowledge_base, write_knowledge_base

@@ -2,7 +2,7 @@
 
 
 def test_dev_score_picks_one_metric_or_a_sum():
-    from jobs.train import dev_score
+    from pipeline.recipe import dev_score
 
     dev = {"em": 0.5, "f1": 0.6, "recall@1": 0.25, "recall@5": None}
     assert dev_score(dev, "f1") == 0.6
