@@ -21,17 +21,6 @@ from pipeline.index import load_index, read_manifest, resolve_version_dir, set_c
 from pipeline.refresh import IndexRefresher, parse_refresh_schedule
 
 
-def attach_passage_encoder(model, cfg):
-    """Give `model` a trainable passage encoder that starts as the encoder the index was built with (same
-    pooling, normalisation and length as the encode actors), and the re-ranking depth of `index.rerank_top_m`."""
-    from pipeline.models.retriever import TextEncoder
-
-    if model.passage_encoder is None:
-        model.passage_encoder = TextEncoder(cfg.retriever.encoder)
-    model.rerank_top_m = int(cfg.index.rerank_top_m)
-    return model
-
-
 def _refresh_build(passages_dir: str, index_root: str, encoder_dir: str, step: int, kwargs: dict) -> dict:
     """Ray task body: encode + build one refresh version (not made current); returns its costs."""
     from jobs.index import build_index

@@ -219,7 +219,8 @@ def test_refresh_builds_in_background_and_switches_at_a_step_boundary(ray_local,
     import torch
 
     from jobs.index import build_index
-    from jobs.refresh import attach_passage_encoder, make_refresh_hook
+    from jobs.refresh import make_refresh_hook
+    from pipeline.models.assembly import attach_passage_encoder
     from pipeline.config import load_config
     from pipeline.index import current_version, load_index, passage_text
     from pipeline.rag import RagModel
