@@ -193,31 +193,6 @@ class Retriever:
 
 
 # --------------------------------------------------------------------------------------------- Generator
-def question_budget(gen) -> int | None:
-    """How many question tokens the generator reads: half its input length, less the pair's special tokens, so
-    that truncating the passage (the tokenizer's `only_second`) always has enough passage to cut."""
-    max_len = getattr(gen, "max_source_length", None)
-    if not max_len:
-        return None
-    return max(1, max_len // 2 - gen.tokenizer.num_special_tokens_to_add(pair=True))
-
-
-def fit_question(gen, question: str) -> str:
-    """The question cut after its first `question_budget(gen)` tokens (at a character boundary of the original
-    text). A long question would otherwise make the batched (question, passage) tokenizer call fail."""
-    budget = question_budget(gen)
-    if budget is None or len(question) <= budget:        # a token holds at least one character
-        return question
-    tok = gen.tokenizer
-    enc = tok(question, add_special_tokens=False, return_offsets_mapping=tok.is_fast)
-    ids = enc["input_ids"]
-    if len(ids) <= budget:
-        return question
-    if tok.is_fast:
-        return question[:enc["offset_mapping"][budget - 1][1]]
-    return tok.decode(ids[:budget])
-
-
 def _decode_group(gen, items: list[AnswerItem], thorough: bool, on_step=None) -> list[Answer]:
     """Decode questions that share model version, mode, k, beams and length in one batched call of the pipeline's
     decoders, on the passages the Retriever found (`candidates=`, `doc_scores=`): one encoder pass over every
@@ -234,7 +209,7 @@ def _decode_group(gen, items: list[AnswerItem], thorough: bool, on_step=None) ->
                       texts=[[p["generator_text"] for p in row] for row in ps], query_vectors=None)
     scores = torch.tensor([[p["score"] for p in row] for row in ps], dtype=torch.float32)
     model = SimpleNamespace(generator=gen)            # retrieval happened in the Retriever deployment
-    questions = [fit_question(gen, it.question) for it in items]
+    questions = [gen.fit_question(it.question) for it in items]
     common = dict(k=first.k, num_beams=first.num_beams, max_len=first.max_new_tokens, candidates=cand,
                   doc_scores=scores)
     with torch.no_grad():

@@ -80,6 +80,26 @@ class Generator(nn.Module):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def question_budget(self) -> int:
+        """Question tokens the generator reads: half its input length, less the pair's special tokens, so that
+        cutting the passage (the tokenizer's `only_second`) always has passage left to cut."""
+        return max(1, self.max_source_length // 2 - self.tokenizer.num_special_tokens_to_add(pair=True))
+
+    def fit_question(self, question: str) -> str:
+        """The question cut after its first `question_budget()` tokens, at a character boundary of the text. An
+        over-long question would otherwise fail the whole batched (question, passage) tokenizer call."""
+        budget = self.question_budget()
+        if len(question) <= budget:                      # a token holds at least one character
+            return question
+        tok = self.tokenizer
+        enc = tok(question, add_special_tokens=False, return_offsets_mapping=tok.is_fast)
+        ids = enc["input_ids"]
+        if len(ids) <= budget:
+            return question
+        if tok.is_fast:
+            return question[:enc["offset_mapping"][budget - 1][1]]
+        return tok.decode(ids[:budget])
+
     def _device(self):
         return next(self.parameters()).device
 
@@ -178,7 +198,8 @@ class CopyBart(Generator):
         return self._bos
 
     def encode_inputs(self, questions, passages):
-        enc = self.tokenizer(list(questions), list(passages), padding=True, truncation="only_second",
+        questions = [self.fit_question(q) for q in questions]
+        enc = self.tokenizer(questions, list(passages), padding=True, truncation="only_second",
                              max_length=self.max_source_length, return_tensors="pt",
                              return_token_type_ids=False)
         device = self._device()

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import GeneratorConfig
 from pipeline.decoding import beam_search, rag_sequence_decode, rag_token_decode
-from pipeline.estimators import build_estimator
+from pipeline.estimators import REGISTRY, build_estimator
 from pipeline.index import load_index, passage_text, write_index_version
 from pipeline.models.generator import build_generator, load_generator
 from pipeline.models.retriever import TextEncoder, encoder_fingerprint
@@ -130,7 +130,7 @@ def test_rag_token_decode(model):
     assert len(out) == 1 and len(out[0].passages) == 3 and out[0].score <= 0.0
 
 
-@pytest.mark.parametrize("name", ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "pdist", "emdr2", "replug-lsr"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_estimator_loss_backpropagates_into_retriever_and_generator(model, name):
     from pipeline.config import EstimatorConfig
 
@@ -180,3 +180,22 @@ def test_posterior_encoder_starts_as_the_prior_and_round_trips_through_checkpoin
 def test_unknown_estimator_is_refused():
     with pytest.raises(ValueError, match="unknown estimator 'nope'"):
         build_estimator("nope")
+
+
+def test_a_long_question_is_cut_by_the_generator_and_its_batch_neighbours_are_unchanged(model):
+    gen = model.generator
+    long_q = "who " + " ".join(["quendle"] * 150) + "?"          # ~600 characters: failed the tokenizer call
+    good = ["Where was Ashvane born?", "Which guild made the zumbrel?"]
+    passages = ["Ashvane was born in Meridale.", "The Quendle Guild made the zumbrel."]
+    alone = gen.encode_inputs(good, passages)
+    mixed = gen.encode_inputs([good[0], long_q, good[1]], [passages[0], passages[0], passages[1]])
+    assert mixed["input_ids"].shape[1] <= gen.max_source_length
+    for i, j in ((0, 0), (2, 1)):
+        n = int(alone["attention_mask"][j].sum())
+        assert torch.equal(mixed["input_ids"][i, :n], alone["input_ids"][j, :n])
+    # the cut question keeps its start and leaves passage tokens to read
+    cut = gen.fit_question(long_q)
+    assert long_q.startswith(cut) and len(gen.tokenizer(cut, add_special_tokens=False)["input_ids"]) == \
+        gen.question_budget()
+    labels, _ = gen.encode_targets(["Meridale", "Meridale", "zumbrel"])
+    assert torch.isfinite(gen.token_logprobs(mixed, labels)).all()

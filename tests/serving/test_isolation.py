@@ -8,7 +8,7 @@ import logging
 import pytest
 from pydantic import ValidationError
 
-from serving.app import _decode_group, _retrieve_group, docs_page, fit_question, question_budget, sse_events
+from serving.app import _decode_group, _retrieve_group, docs_page, sse_events
 from serving.batching import Answer, AnswerItem, ItemError, RetrieveItem, run_each
 from serving.errors import validation_details
 from serving.loading import load_generator_part, load_retriever_part, resolve_model_ref
@@ -58,12 +58,12 @@ def test_default_k_is_an_argument_that_must_fit_max_k():
 # ------------------------------------------------------------------------------------------ long questions
 def test_a_long_question_is_truncated_to_the_generators_question_budget(parts):
     _, gen = parts
-    budget = question_budget(gen)
+    budget = gen.question_budget()
     assert budget == gen.max_source_length // 2 - 3                # [CLS] q [SEP] p [SEP]
-    cut = fit_question(gen, LONG)
+    cut = gen.fit_question(LONG)
     assert LONG.startswith(cut) and len(cut) < len(LONG)
     assert len(gen.tokenizer(cut, add_special_tokens=False)["input_ids"]) == budget
-    assert fit_question(gen, GOOD[0]) == GOOD[0]
+    assert gen.fit_question(GOOD[0]) == GOOD[0]
 
 
 def test_a_long_question_in_a_batch_decodes_and_leaves_the_others_unchanged(parts):
