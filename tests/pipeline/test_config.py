@@ -209,3 +209,58 @@ def test_saved_configs_from_before_the_rename_upgrade_when_asked():
         from_dict(old)
     with pytest.raises(ConfigError, match="renamed to index.encode_map_batch_size"):
         from_dict({"index": {"encode_batch_size": 512, "encode_map_batch_size": 64}}, upgrade_renamed=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The estimator: section is derived from the estimators' own settings dataclasses (issue 15 item 2); its keys,
+# types and defaults are what they were.
+
+
+def test_estimator_section_keys_types_and_defaults_are_unchanged(tmp_path):
+    import dataclasses
+
+    from pipeline.config import EstimatorConfig
+
+    expected = {"vrag_beta": (float, 1.0), "vrag_candidates": (str, "posterior"), "jsa_num_proposals": (int, 20),
+                "jsa_likelihood": (str, "exact"), "jsa_cache": (bool, True), "dro_num_lists": (int, 5),
+                "dro_list_length": (int, 2), "distill_temperature": (float, 1.0)}
+    fields = {f.name: (f.type, f.default) for f in dataclasses.fields(EstimatorConfig)}
+    assert {k: fields[k] for k in expected} == expected
+    flat = Config().flat()
+    assert all(flat[f"estimator.{k}"] == v for k, (_, v) in expected.items())
+    text = ("estimator:\n  vrag_beta: 5e-1\n  jsa_num_proposals: 1e1\n  jsa_cache: false\n"
+            "  vrag_candidates: union\n  distill_temperature: 2\n  dro_list_length: 3\n")
+    cfg = load_config(_yaml(tmp_path, text))
+    e = cfg.estimator
+    assert (e.vrag_beta, e.jsa_num_proposals, e.jsa_cache, e.vrag_candidates, e.distill_temperature,
+            e.dro_list_length) == (0.5, 10, False, "union", 2.0, 3)
+    assert type(e.jsa_num_proposals) is int and type(e.distill_temperature) is float
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("estimator:\n  jsa_cache: 1\n", "estimator.jsa_cache: expected bool"),
+    ("estimator:\n  jsa_num_proposals: 2.5\n", "estimator.jsa_num_proposals: expected int, got 2.5"),
+    ("estimator:\n  vrag_betta: 1\n", "estimator: unknown key(s) vrag_betta (did you mean vrag_beta?)"),
+    ("estimator:\n  jsa_likelihood: approx\n", "estimator.jsa_likelihood: 'approx'; choose exact or normalized"),
+    ("estimator:\n  vrag_candidates: prior\n", "estimator.vrag_candidates: 'prior'; choose posterior or union"),
+    ("estimator:\n  jsa_num_proposals: 0\n", "estimator.jsa_num_proposals: must be >= 1, got 0"),
+    ("train:\n  k: 2\nestimator:\n  dro_list_length: 3\n",
+     "estimator.dro_list_length: 3 > train.k=2 (lists are drawn from the top-k candidates)"),
+])
+def test_estimator_section_errors_name_the_key_and_file(tmp_path, text, message):
+    path = _yaml(tmp_path, text, "est.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_config_module_exports_names_derived_from_the_registry():
+    import pipeline.config as config
+    from pipeline.estimators import REGISTRY, STRATEGIES
+
+    assert config.ESTIMATORS == tuple(sorted(REGISTRY)) and config.STRATEGIES == tuple(STRATEGIES)
+    assert config.EstimatorConfig is type(Config().estimator)
+    with pytest.raises(AttributeError):
+        config.NOT_A_NAME

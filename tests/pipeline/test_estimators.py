@@ -4,23 +4,39 @@ The fake model is a real `RagModel` whose index, encoders and generator are look
 prior score table [Q, N], posterior score table [Q, N], generator token log-prob table [Q, N, T].
 So retrieval, candidate sets, scoring and the estimators' own code all run for real.
 """
+import dataclasses
+import importlib
+import inspect
 import itertools
+import pickle
+import pkgutil
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ESTIMATORS, STRATEGIES, ConfigError, EstimatorConfig, TrainConfig, load_config
+import pipeline.estimators
+from pipeline.config import (ESTIMATORS, STRATEGIES, Config, ConfigError, EstimatorConfig, TrainConfig, load_config,
+                             read_yaml_mapping, save_config)
 from pipeline.estimators import REGISTRY, build_estimator
+from pipeline.estimators import registry as est_registry
+from pipeline.estimators.base import Estimator, EstimatorOutput
 from pipeline.estimators.distill import emdr2_loss, pdist_loss, replug_lsr_loss
 from pipeline.estimators.dro import dro_loss, dro_weights, plackett_luce_logprob, plackett_luce_sample
 from pipeline.estimators.independent import require_context_labels
+from pipeline.estimators.independent import IndependentConfig
 from pipeline.estimators.jsa import Jsa, mis_chain, state_weights
+from pipeline.estimators.rag_token import RagToken
+from pipeline.estimators.registry import EstimatorSettings, objective_for, register, resolve_objective
+from pipeline.evaluation import decoder_for
 from pipeline.rag import POSTERIOR_SEP, RagModel
 from pipeline.training import RagTrainer
 
 N_PASSAGES, T = 6, 2
+ALL = sorted(REGISTRY)                                       # every registered estimator, no list kept by hand
+EXACT_GRADIENT = ["rag-sequence", "rag-token", "vrag", "jsa"]   # no stop-gradient inside their losses
 
 
 class FakeIndex:
@@ -85,6 +101,197 @@ def seq_loglik(model, q):
 def test_config_estimator_names_match_the_registry():
     assert set(ESTIMATORS) == set(REGISTRY)
     assert "independent" in STRATEGIES and "two-phase" in STRATEGIES
+    assert len(ALL) >= 8 and "independent" not in REGISTRY     # a strategy objective, not a train.estimator
+
+
+def test_every_estimator_class_in_the_package_is_registered():
+    """The package imports each of its modules; a class with a `name` that forgot @register would be unreachable."""
+    found = {}
+    for info in pkgutil.iter_modules(pipeline.estimators.__path__):
+        module = importlib.import_module(f"pipeline.estimators.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Estimator) and cls.__module__ == module.__name__ and vars(cls).get("name"):
+                found[cls.name] = cls
+    objectives = {s.objective.name: s.objective for s in est_registry.STRATEGIES.values() if s.objective}
+    assert found == {**REGISTRY, **objectives}
+    assert set(objectives) == {"independent"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registered_estimator_declares_config_needs_and_decoder(name):
+    cls = REGISTRY[name]
+    assert cls.name == name and cls.decoder in ("rag-sequence", "rag-token")
+    assert isinstance(cls.needs_posterior, bool) and isinstance(cls.needs_rows, bool)
+    est = build_estimator(name, k=3)
+    assert isinstance(est.cfg, cls.config) and est.cfg == cls.config()      # defaults of its own dataclass
+    flat = Config().estimator
+    for f in dataclasses.fields(cls.config):                               # each setting is a flat estimator.* key
+        assert getattr(flat, cls.config.flat_name(f.name)) == getattr(est.cfg, f.name)
+    assert decoder_for(name) == cls.decoder
+    assert REGISTRY["rag-token"].decoder == "rag-token" and REGISTRY["jsa"].decoder == "rag-sequence"
+
+
+def test_estimator_config_is_the_flat_view_of_the_settings_dataclasses():
+    classes = est_registry.settings_classes("estimator")
+    keys = [c.flat_name(f.name) for c in classes for f in dataclasses.fields(c)]
+    assert [f.name for f in dataclasses.fields(EstimatorConfig)] == keys
+    assert set(keys) >= {"vrag_beta", "vrag_candidates", "jsa_num_proposals", "jsa_likelihood", "jsa_cache",
+                         "dro_num_lists", "dro_list_length", "distill_temperature"}
+    assert EstimatorConfig() == Config().estimator and EstimatorConfig is type(Config().estimator)
+    cfg = load_config(None, ["estimator.dro_num_lists=3"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg             # Ray ships configs to workers by pickling
+    # the strategy objective's settings keep their train.* keys, with the same defaults
+    train = TrainConfig()
+    assert IndependentConfig.from_flat(train) == IndependentConfig()
+    assert (train.independent_hard_negatives, train.independent_temperature) == (4, 0.05)
+
+
+def test_settings_validate_themselves_naming_the_flat_key():
+    with pytest.raises(ConfigError, match=r"^estimator\.vrag_beta: must be >= 0, got -1\.0$"):
+        load_config(None, ["estimator.vrag_beta=-1"])
+    with pytest.raises(ConfigError, match=r"^estimator\.distill_temperature: must be > 0"):
+        load_config(None, ["estimator.distill_temperature=0"])
+    with pytest.raises(ConfigError, match=r"^estimator\.dro_num_lists: must be >= 1, got 0$"):
+        load_config(None, ["estimator.dro_num_lists=0"])
+    with pytest.raises(ConfigError, match=r"estimator\.dro_list_length: 3 > train\.k=2"):     # across sections
+        load_config(None, ["estimator.dro_list_length=3", "train.k=2"])
+    assert load_config(None, ["estimator.dro_list_length=3", "train.k=3"]).estimator.dro_list_length == 3
+    with pytest.raises(ConfigError, match=r"^train\.independent_temperature: must be > 0"):
+        load_config(None, ["train.independent_temperature=0"])
+    with pytest.raises(ConfigError, match=r"^train\.independent_hard_negatives: must be >= 0"):
+        load_config(None, ["train.independent_hard_negatives=-1"])
+    with pytest.raises(ConfigError, match="did you mean jsa_num_proposals"):
+        load_config(None, ["estimator.jsa_num_proposal=3"])
+
+
+# ----------------------------------------------------------------------- one new file: a test-local estimator
+@dataclass
+class ScaledConfig(EstimatorSettings):
+    prefix = "scaled"
+    factor: float = 1.0
+    note: str = "none"
+
+    def validate(self, config=None):
+        if self.factor <= 0:
+            raise ConfigError(f"{self.key('factor')}: must be > 0, got {self.factor}")
+        if config is not None and self.note == "needs-k3" and config.train.k < 3:
+            raise ConfigError(f"{self.key('note')}: needs-k3 with train.k={config.train.k}")
+
+
+class ScaledRagToken(RagToken):
+    """rag-token's loss times estimator.scaled_factor; takes the rows to show they reach it."""
+    name = "scaled-rag-token"
+    config = ScaledConfig
+    decoder = "rag-token"
+    needs_rows = True
+
+    def loss(self, model, questions, answers, rows=None):
+        assert rows is not None and len(rows) == len(questions)
+        out = super().loss(model, questions, answers)
+        return EstimatorOutput(out.loss * self.cfg.factor, {**out.diagnostics, "rows_seen": float(len(rows))})
+
+
+@pytest.fixture
+def scaled_estimator():
+    register(ScaledRagToken)            # what @register does when its module is imported
+    yield ScaledRagToken
+    est_registry.unregister(ScaledRagToken.name)
+
+
+def test_a_new_estimator_defined_in_one_place_is_accepted_everywhere(scaled_estimator, tmp_path):
+    assert type(Config().estimator) is not EstimatorConfig       # the section gained the new settings
+    cfg = load_config(None, ["train.estimator=scaled-rag-token", "estimator.scaled_factor=2.5", "train.k=3"])
+    assert cfg.estimator.scaled_factor == 2.5 and cfg.estimator.scaled_note == "none"
+    assert cfg.estimator.jsa_num_proposals == 20                              # the other keys are still there
+    # its own settings from a YAML file, coerced by the same rules (YAML's 5e-1 is a string to PyYAML)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  estimator: scaled-rag-token\nestimator:\n  scaled_factor: 5e-1\n  dro_num_lists: 3\n")
+    from_file = load_config(path)
+    assert from_file.estimator.scaled_factor == 0.5 and from_file.estimator.dro_num_lists == 3
+    save_config(from_file, tmp_path / "saved.yaml")
+    assert read_yaml_mapping(tmp_path / "saved.yaml")["estimator"]["scaled_factor"] == 0.5
+    assert load_config(tmp_path / "saved.yaml") == from_file
+    # validated by its own dataclass, with the key named; a wrong type by the config's coercion
+    with pytest.raises(ConfigError, match=r"^estimator\.scaled_factor: must be > 0, got 0\.0$"):
+        load_config(None, ["train.estimator=scaled-rag-token", "estimator.scaled_factor=0"])
+    with pytest.raises(ConfigError, match=r"estimator\.scaled_note: needs-k3 with train\.k=2"):
+        load_config(None, ["estimator.scaled_note=needs-k3", "train.k=2"])
+    with pytest.raises(ConfigError, match="estimator.scaled_factor: expected float"):
+        load_config(None, ["estimator.scaled_factor=abc"])
+    # it reaches build_estimator with its own dataclass, the help, the decoder and the objective
+    est = build_estimator(cfg.train.estimator, k=cfg.train.k, cfg=cfg.estimator)
+    assert type(est) is ScaledRagToken and est.cfg == ScaledConfig(factor=2.5)
+    assert est.cfg.scaled_factor == 2.5                                       # the flat name reads too
+    assert "scaled-rag-token (scaled_factor, scaled_note)" in est_registry.estimator_help()
+    assert decoder_for(cfg) == "rag-token" and objective_for(cfg).needs_rows
+    assert objective_for(cfg).record() == {"estimator": "scaled-rag-token", "strategy": "joint",
+                                           "objective": "scaled-rag-token", "decoder": "rag-token"}
+    # its loss is what it says, and the trainer hands it the rows it needs
+    model = fake_model(2)
+    plain = build_estimator("rag-token", k=3).loss(model, ["q0", "q1"], ["a", "a"]).loss
+    out = est.loss(model, ["q0", "q1"], ["a", "a"], rows=[{}, {}])
+    assert float(out.loss.detach()) == pytest.approx(2.5 * float(plain.detach()), rel=1e-12)
+    rows = [{"question": f"q{i % 2}", "answers": ["a"]} for i in range(4)]
+    trainer = RagTrainer(model, est, rows, TrainConfig(batch_size=2, max_steps=2, warmup_steps=0, k=3), 0.1, 0.1)
+    assert trainer.step()["rows_seen"] == 2.0 and trainer.objective_name == "scaled-rag-token"
+    # gone with its registration
+    est_registry.unregister("scaled-rag-token")
+    with pytest.raises(ConfigError, match="unknown estimator 'scaled-rag-token'"):
+        load_config(None, ["train.estimator=scaled-rag-token"])
+    assert type(Config().estimator) is EstimatorConfig and not hasattr(Config().estimator, "scaled_factor")
+
+
+def test_evaluation_decodes_with_the_registered_decoder(scaled_estimator, monkeypatch):
+    import pipeline.evaluation as evaluation
+    from pipeline.decoding import DecodedAnswer
+
+    calls = []
+
+    def fake_decode(kind):
+        def run(model, questions, **kwargs):
+            calls.append(kind)
+            return [DecodedAnswer(answer="a", score=0.0, passages=[]) for _ in questions]
+        return run
+
+    monkeypatch.setattr(evaluation, "rag_token_decode", fake_decode("rag-token"))
+    monkeypatch.setattr(evaluation, "rag_sequence_decode", fake_decode("rag-sequence"))
+    rows = [{"question": "q0", "answers": ["a"]}]
+    for name in [*ALL, "scaled-rag-token"]:
+        calls.clear()
+        metrics, _ = evaluation.evaluate(fake_model(0), rows, k=2, estimator=name)
+        assert calls == [REGISTRY[name].decoder] and metrics["em"] == 1.0
+    calls.clear()
+    cfg = load_config(None, ["train.estimator=rag-token", "train.strategy=independent"])
+    evaluation.evaluate(fake_model(0), rows, k=2, estimator=cfg)
+    assert calls == ["rag-token"]                             # the strategy does not change the decoder
+    with pytest.raises(ValueError, match="unknown estimator 'independent'"):
+        evaluation.evaluate(fake_model(0), rows, estimator="independent")
+
+
+def test_registration_refuses_what_the_registry_cannot_derive(scaled_estimator):
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Other", (RagToken,), {"name": "scaled-rag-token", "decoder": "rag-token"}))
+    with pytest.raises(TypeError, match="decoder"):
+        register(type("NoDecoder", (Estimator,), {"name": "no-decoder"}))
+    with pytest.raises(TypeError, match="own `name`"):
+        register(type("Unnamed", (RagToken,), {}))
+
+    @dataclass
+    class Clash(EstimatorSettings):
+        prefix = "jsa"
+        num_proposals: int = 3
+
+    with pytest.raises(TypeError, match="estimator.jsa_num_proposals: declared by both"):
+        register(type("Clashing", (RagToken,), {"name": "clashing", "decoder": "rag-token", "config": Clash}))
+
+    @dataclass
+    class Listy(EstimatorSettings):
+        prefix = "listy"
+        values: list = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="estimator.listy_values: config values are str, int, float or bool"):
+        register(type("Listed", (RagToken,), {"name": "listed", "decoder": "rag-token", "config": Listy}))
+    assert set(REGISTRY) == set(ALL) | {"scaled-rag-token"}
 
 
 def test_estimator_config_section_round_trips_and_is_validated(tmp_path):
@@ -215,7 +422,7 @@ def _fd_check(model, f, coords=6, eps=1e-6, seed=0):
     return checked
 
 
-@pytest.mark.parametrize("name", ["rag-sequence", "rag-token", "vrag", "vrag-union", "jsa"])
+@pytest.mark.parametrize("name", [*EXACT_GRADIENT, "vrag-union"])
 def test_estimator_gradient_matches_finite_differences(name):
     """No stop-gradient inside these losses (JSA's samples are discrete: the same seed gives the same states)."""
     model = fake_model(4)
@@ -280,7 +487,7 @@ def test_emdr2_retriever_gradient_is_prior_minus_posterior():
     assert torch.allclose(s.grad, torch.softmax(s.detach(), -1) - post, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["dro", "pdist", "emdr2", "replug-lsr"])
+@pytest.mark.parametrize("name", [n for n in ALL if n not in EXACT_GRADIENT])   # dro, pdist, emdr2, replug-lsr, ...
 def test_held_target_estimators_reach_retriever_and_generator(name):
     model = fake_model(6)
     est = build_estimator(name, k=3, cfg=EstimatorConfig(dro_num_lists=4, dro_list_length=2))
@@ -379,6 +586,45 @@ def test_two_phase_freezes_the_retrievers_then_the_generator():
         assert m["retriever_frozen"] == 0.0 and m["generator_frozen"] == 1.0 and m["lr/generator"] == 0.0
     end = snap()
     assert not torch.equal(end[0], mid[0]) and not torch.equal(end[1], mid[1]) and torch.equal(end[2], mid[2])
+
+
+@pytest.mark.parametrize("strategy", list(est_registry.STRATEGIES))
+def test_each_strategy_names_the_objective_it_trains(strategy):
+    """joint and two-phase train train.estimator's loss; independent trains its own objective instead (no
+    posterior encoder, its settings from train.independent_*); decoding follows train.estimator in all three."""
+    for name in ALL:
+        cfg = load_config(None, [f"train.estimator={name}", f"train.strategy={strategy}"])
+        obj = objective_for(cfg)
+        assert obj == resolve_objective(name, strategy) and (obj.estimator, obj.strategy) == (name, strategy)
+        assert obj.decoder == REGISTRY[name].decoder == decoder_for(cfg)
+        if strategy == "independent":
+            assert obj.name == "independent" and not obj.needs_posterior and obj.needs_rows
+        else:
+            assert obj.name == name and obj.cls is REGISTRY[name] and obj.needs_posterior == REGISTRY[name].needs_posterior
+    model = fake_model(10)
+    model.posterior_encoder = None
+    rows = [{"question": f"q{i % 2}", "answers": ["a"], "gold_passage_ids": [f"p{i % 2}"]} for i in range(4)]
+    cfg = TrainConfig(strategy=strategy, batch_size=2, max_steps=2, warmup_steps=0, independent_hard_negatives=1)
+    est = build_estimator("vrag", k=3)
+    trainer = RagTrainer(model, est, rows, cfg, 0.1, 0.1)
+    if strategy == "independent":
+        assert trainer.objective_name == "independent" and trainer.objective is not est and trainer.own_objective
+        assert trainer.objective.hard_negatives == 1 and trainer.objective.k == 3
+        assert model.posterior_encoder is None and trainer.phase() == "independent"
+        assert "retriever_accuracy" in trainer.step()
+    else:
+        assert trainer.objective_name == "vrag" and trainer.objective is est and not trainer.own_objective
+        assert model.posterior_encoder is not None                # vrag's prepare ran
+        assert "kl" in trainer.step()
+
+
+def test_unknown_strategy_is_refused_by_the_trainer_and_the_config():
+    with pytest.raises(ValueError, match="unknown strategy 'sideways'"):
+        RagTrainer(fake_model(0), build_estimator("rag-sequence", k=2), [{"question": "q0", "answers": ["a"]}],
+                   TrainConfig(strategy="sideways"), 0.1, 0.1)
+    with pytest.raises(ConfigError, match="train.strategy: unknown strategy 'sideways'; choose one of joint, "
+                                          "two-phase, independent"):
+        load_config(None, ["train.strategy=sideways"])
 
 
 def test_vrag_union_enumerates_the_elbo_over_prior_and_posterior_top_k():
