@@ -600,7 +600,8 @@ def test_each_strategy_names_the_objective_it_trains(strategy):
         if strategy == "independent":
             assert obj.name == "independent" and not obj.needs_posterior and obj.needs_rows
         else:
-            assert obj.name == name and obj.cls is REGISTRY[name] and obj.needs_posterior == REGISTRY[name].needs_posterior
+            assert obj.name == name and obj.cls is REGISTRY[name]
+            assert obj.needs_posterior == REGISTRY[name].needs_posterior
     model = fake_model(10)
     model.posterior_encoder = None
     rows = [{"question": f"q{i % 2}", "answers": ["a"], "gold_passage_ids": [f"p{i % 2}"]} for i in range(4)]
