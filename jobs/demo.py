@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[data] synthetic knowledge base: {len(kb.passages)} passages, {len(kb.train)} train / "
           f"{len(kb.dev)} dev / {len(kb.test)} test questions -> {out / 'data'}", flush=True)
     write_passages(chunk_passages(kb.passages, cfg.data.chunk_words, cfg.data.chunk_overlap), out / "passages")
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray()
     metrics = run_training(cfg, out, out / "passages", kb.train, kb.dev, kb.test)
     print()
     print(results_table(metrics))

@@ -100,11 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     # keeps only its SHA-256 for the deployments. It must not travel further: a runtime_env variable is written
     # into Ray's logs, and Ray's processes would inherit it from this one.
     os.environ.pop(ADMIN_TOKEN_ENV, None)
-    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-           **{k: str(v) for k, v in cfg.get("env_vars", {}).items() if k != ADMIN_TOKEN_ENV}}
     if not ray.is_initialized():
-        env.update(use_serve_throughput_env())       # Serve's processes read these when Ray starts
-        ray.init(runtime_env={"env_vars": env})
+        # Serve's processes read the throughput settings when Ray starts
+        ensure_ray({**{k: v for k, v in cfg.get("env_vars", {}).items() if k != ADMIN_TOKEN_ENV},
+                    **use_serve_throughput_env()})
     serve.start(http_options={"host": host, "port": int(port)})
     name = args.name or cfg.get("name") or "latentrag"
     print(f"[serve] {serve_args.checkpoint} -> http://{host}:{port}{cfg.get('route_prefix', '/')}  "

@@ -5,7 +5,7 @@ start -> TorchTrainer (one `train_loop_per_worker` per worker: retrieve top-K, e
 retriever/generator optimiser groups, checkpoints through ray.train.report) -> evaluate the final model ->
 metrics.json + MLflow.
 
-    latentrag train --corpus corpus.jsonl --train-qa train.jsonl --eval-qa test.jsonl \
+    latentrag train --corpus corpus.jsonl --train-qa train.jsonl --eval-qa test.jsonl \\
         --estimator rag-sequence --max-steps 300 --output-dir runs/x
     ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml ...
 """
@@ -24,6 +24,7 @@ import torch
 
 from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
 from pipeline.data import DataError, read_qa
+from pipeline.estimators.registry import estimator_help, objective_for
 from pipeline.index import load_index
 from pipeline.recipe import Events, TrainRecipe, evaluate_run
 
@@ -282,7 +283,7 @@ def _start_or_reattach_tracker(cfg: Config, output_dir: Path, plan: dict | None)
         tracker.client.update_run(tracker.run_id, status="RUNNING")
         tracker.client.set_tag(tracker.run_id, f"resumed_at_step_{plan['step']}", time.strftime("%Y-%m-%dT%H:%M:%S"))
         return tracker, False
-    tracker = Tracker.start(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, tags={"estimator": cfg.train.estimator},
+    tracker = Tracker.start(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, tags=objective_for(cfg).record(),
                             artifact_location=output_dir / "mlartifacts")
     return tracker, True
 
@@ -320,10 +321,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
                      tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps)
     guard = DriverGuard(tracker.tracking_uri, tracker.run_id, output_dir / RUN_STATE) if own_tracker else None
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    own_ray = ensure_ray()
     watch_ray = guard.watch_local_ray if guard is not None and own_ray else (lambda: 0)
     watch_ray()                            # the local Ray this driver started goes when the driver is killed
     if plan:
@@ -393,7 +391,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         # 4. the trained model
         model, _, meta = load_checkpoint(final_dir)
         final, predictions = evaluate_run(model, eval_rows, cfg)
-        metrics = {**final, "k": cfg.eval.k, "estimator": cfg.train.estimator, "strategy": cfg.train.strategy,
+        metrics = {**final, "k": cfg.eval.k, **objective_for(cfg).record(),
                    "index_version": model.index.version, "index_dir": str(model.index.path), "steps": meta["step"],
                    "train_seconds": round(train_seconds, 1), "initial": initial,
                    "mlflow_run_id": tracker.run_id}
@@ -475,8 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-qa", help="training questions (jsonl/json/parquet/csv): question, answers[] or answer")
     p.add_argument("--eval-qa", help="held-out questions for the final (and untrained) evaluation")
     p.add_argument("--dev-qa", help="questions for periodic evaluation during training (train.eval_every)")
-    p.add_argument("--estimator", help="rag-sequence | rag-token | vrag | jsa | dro | pdist | emdr2 | replug-lsr "
-                                        "(overrides train.estimator; settings in the estimator: section)")
+    p.add_argument("--estimator", help=estimator_help())
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
     p.add_argument("--output-dir", help="where checkpoints, metrics.json and the MLflow database go")
     p.add_argument("--config", help="YAML config (see configs/demo.yaml); flags and --set override it")

@@ -285,9 +285,7 @@ def run_sweep(cfg: Config, spec: sweep.SweepSpec, output_dir: str | Path, resume
     cfg.output_dir = str(out)
     state_path = out / STATE_FILE
     state = json.loads(state_path.read_text()) if resume and state_path.exists() else {}
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray()
     uri = default_tracking_uri(out, cfg.mlflow.tracking_uri)
     if state.get("parent_run_id"):
         parent = Tracker.attach(uri, state["parent_run_id"])

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.estimators import REGISTRY
 from pipeline.estimators.independent import require_context_labels
+from pipeline.estimators.registry import objective_for
 from pipeline.models.generator import build_generator
 from pipeline.models.retriever import TextEncoder
 from pipeline.rag import RagModel
@@ -19,7 +19,7 @@ def build_model(cfg: Config, index, train_rows: list[dict] | None = None) -> Rag
                           max_length=cfg.retriever.max_length)
     answers = [a for r in train_rows for a in r["answers"]] if train_rows else None
     model = RagModel(encoder, build_generator(cfg.generator, answers), index, tau=cfg.retriever.tau)
-    if REGISTRY[cfg.train.estimator].needs_posterior and cfg.train.strategy != "independent":
+    if objective_for(cfg).needs_posterior:
         model.add_posterior_encoder()            # q(z|x,y), initialised from the prior's weights
     if cfg.retriever.train_passage_encoder:      # refreshed into new index versions by jobs/refresh.py
         attach_passage_encoder(model, cfg)
