@@ -98,6 +98,20 @@ class RetrieverConfig:
 
 
 @dataclass
+class LoraConfig:
+    """`generator.lora`: LoRA adapters through peft (hf-causal). Only the adapters train and are checkpointed."""
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # module names (suffixes of the model's module paths, as peft matches them) or ["all-linear"]; every name must
+    # match a module of the model, or building the generator fails naming the linear layers there are
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+DEFAULT_PROMPT_TEMPLATE = "Passage: {passage}\nQuestion: {question}\nAnswer:"
+
+
+@dataclass
 class GeneratorConfig:
     kind: str = "copy-bart"            # copy-bart (embedded default) | hf-seq2seq | hf-causal
     init: str = "random"               # copy-bart weights: random | reader (shipped, pre-trained to read on other
@@ -114,6 +128,13 @@ class GeneratorConfig:
     max_target_length: int = 16
     output_vocab_size: int = 4096      # copy-bart: vocabulary head over the most frequent answer tokens (0 = all)
     lr: float = 1e-3
+    # hf-causal: the prompt ({passage} = title + text, cut to fit max_source_length; {question}); the answer follows
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    chat_template: bool = False        # hf-causal: the filled template as a user turn of the tokenizer's chat template
+    lora: LoraConfig | None = None     # hf-causal: LoRA adapters (peft); no `lora` section = full fine-tuning
+    dtype: str = "float32"             # hf-causal weights: float32 | bfloat16
+    gradient_checkpointing: bool = False    # hf-causal: recompute activations in backward (memory for time)
+    quantize: str = "none"             # hf-causal base for QLoRA: none | 4bit | 8bit (CUDA + bitsandbytes only)
 
 
 @dataclass
@@ -221,6 +242,7 @@ class Config:
         if self.generator.init != "random" and self.generator.kind != "copy-bart":
             raise ConfigError(f"generator.init: {self.generator.init!r} is for generator.kind=copy-bart; "
                               f"{self.generator.kind} loads generator.name_or_path (set generator.init=random)")
+        _validate_generator(self)
         if self.index.type not in ("flat", "hnsw", "ivfpq"):
             raise ConfigError(f"index.type: unknown index type {self.index.type!r}; choose flat, hnsw or ivfpq")
         self._validate_refresh()
@@ -243,6 +265,60 @@ class Config:
         for settings in registry.settings_of(self.train, "train"):           # strategy objectives' (independent)
             settings.validate(self)
         return self
+
+
+def _validate_generator(cfg: "Config") -> None:
+    """The hf-causal settings that can be checked without loading the model (target modules are checked when it
+    loads, before any training)."""
+    g = cfg.generator
+    if g.kind != "hf-causal":
+        for key, value, default in (("lora", g.lora, None), ("chat_template", g.chat_template, False),
+                                    ("quantize", g.quantize, "none"), ("dtype", g.dtype, "float32"),
+                                    ("gradient_checkpointing", g.gradient_checkpointing, False)):
+            if value != default:
+                raise ConfigError(f"generator.{key}: only for generator.kind=hf-causal (kind is {g.kind})")
+        return
+    check_prompt_template(g.prompt_template)
+    if g.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"generator.dtype: {g.dtype!r}; choose float32 or bfloat16")
+    if g.quantize not in ("none", "4bit", "8bit"):
+        raise ConfigError(f"generator.quantize: {g.quantize!r}; choose none, 4bit or 8bit")
+    if g.quantize != "none":
+        if g.lora is None:
+            raise ConfigError(f"generator.quantize={g.quantize}: a quantized base cannot be fine-tuned in full; "
+                              "add a generator.lora section (QLoRA)")
+        if not cfg.train.use_gpu:
+            raise ConfigError(f"generator.quantize={g.quantize}: 4-bit/8-bit bases need a CUDA GPU (bitsandbytes); "
+                              "set train.use_gpu=true on GPU workers, or generator.quantize=none on CPU")
+    if g.lora is not None:
+        lora = g.lora
+        if lora.r < 1:
+            raise ConfigError(f"generator.lora.r: must be >= 1, got {lora.r}")
+        if lora.alpha <= 0:
+            raise ConfigError(f"generator.lora.alpha: must be > 0, got {lora.alpha}")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"generator.lora.dropout: must be in [0, 1), got {lora.dropout}")
+        if not lora.target_modules or not all(m.strip() for m in lora.target_modules):
+            raise ConfigError("generator.lora.target_modules: name at least one module (e.g. q_proj, v_proj) "
+                              "or all-linear")
+
+
+def check_prompt_template(template: str, key: str = "generator.prompt_template") -> None:
+    """A template with exactly the {passage} and {question} slots, once each (other braces doubled: {{ }})."""
+    import string
+
+    try:
+        slots = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    for slot in ("passage", "question"):
+        if slots.count(slot) != 1:
+            raise ConfigError(f"{key}: needs the {{{slot}}} slot exactly once (found {slots.count(slot)}) in "
+                              f"{template!r}")
+    other = sorted(set(slots) - {"passage", "question"})
+    if other:
+        raise ConfigError(f"{key}: unknown slot(s) {', '.join('{' + s + '}' for s in other)}; only {{passage}} "
+                          "and {question} are filled")
 
 
 def _validate_refresh_impl(cfg: "Config") -> None:
@@ -285,6 +361,15 @@ def _declared_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _optional_dataclass(hint: Any) -> type | None:
+    """D for a field declared `D | None` with D a dataclass (an optional section such as generator.lora)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return None
+
+
 def _type_name(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if args:
@@ -299,8 +384,16 @@ def coerce_value(value: Any, hint: Any, key: str) -> Any:
     PyYAML reads `1e-3` and `1e2` as strings (YAML 1.1 wants a dot): a float field takes any number or numeric
     string; an int field takes an integer, or a float or numeric string with an integral value (`1e2` -> 100),
     never 1.5; a bool field takes only true/false; a str field takes a string or a number (`run_name: 2024`).
-    `null` is accepted only where the field is optional (`str | None`)."""
+    `null` is accepted only where the field is optional (`str | None`). A `list[str]` field takes a list or a
+    comma-separated string (`--set generator.lora.target_modules=q_proj,v_proj`)."""
     origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {_show(value)}")
+        return [coerce_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(options) < len(typing.get_args(hint)):
@@ -390,6 +483,10 @@ def _build(cls, values: dict, section: str, source: str | None, upgrade_renamed:
     for name, value in values.items():
         key = f"{section}.{name}" if section else name
         hint = hints[name]
+        if value is None and _optional_dataclass(hint) is not None:
+            kwargs[name] = None                     # an optional section switched off (generator.lora: null)
+            continue
+        hint = _optional_dataclass(hint) or hint
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{key}: expected a mapping of {key}.* keys, got {_show(value)}")
@@ -461,10 +558,18 @@ def apply_override(cfg: Config, item: str) -> Config:
     parts = key.split(".")
     target: Any = cfg
     for part in parts[:-1]:
+        if hasattr(target, part) and getattr(target, part) is None and dataclasses.is_dataclass(target):
+            optional = _optional_dataclass(_field_types(type(target)).get(part))
+            if optional is not None:        # `--set generator.lora.r=8` turns the section on with its defaults
+                setattr(target, part, optional())
         if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
             raise ConfigError(f"--set {key}: unknown section {part!r}")
         target = getattr(target, part)
     leaf = parts[-1]
+    if dataclasses.is_dataclass(target) and hasattr(target, leaf) and \
+            _optional_dataclass(_field_types(type(target)).get(leaf)) is not None and raw.strip() in ("null", "~", ""):
+        setattr(target, leaf, None)         # `--set generator.lora=null`: the optional section off
+        return cfg
     section = ".".join(parts[:-1])
     if (section, leaf) in RENAMED:
         new, why = RENAMED[(section, leaf)]

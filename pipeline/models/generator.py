@@ -464,6 +464,10 @@ def build_generator(cfg, train_answers: list[str] | None = None) -> Generator:
         return gen
     if cfg.kind == "hf-seq2seq":
         return HFSeq2SeqGenerator(cfg.name_or_path, cfg.max_source_length, cfg.max_target_length)
+    if cfg.kind == "hf-causal":
+        from pipeline.models.hf_causal import HFCausalGenerator     # imports this module
+
+        return HFCausalGenerator.from_config(cfg)
     raise ValueError(f"generator.kind {cfg.kind!r} is not supported yet")
 
 
@@ -496,4 +500,8 @@ def load_generator(path) -> Generator:
         return gen
     if kind == "hf-seq2seq":
         return HFSeq2SeqGenerator(str(path), meta["max_source_length"], meta["max_target_length"])
+    if kind == "hf-causal":
+        from pipeline.models.hf_causal import HFCausalGenerator
+
+        return HFCausalGenerator.load(path)
     raise ValueError(f"{meta_file}: unknown generator kind {kind!r}")
