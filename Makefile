@@ -27,6 +27,7 @@ demo: install
 	$(VENV)/bin/latentrag demo $(ARGS)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

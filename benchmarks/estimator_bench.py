@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     train_answers = [a for r in kb.train for a in r["answers"]]
 
     runs = [(name, name, {}) for name in args.estimators]
-    for i, (label, name, over) in enumerate(runs):
+    for i, (_, name, _) in enumerate(runs):
         if name == "jsa":
             runs[i] = ("jsa (n=K)", "jsa", {"jsa_num_proposals": args.k})
         if name == "dro":

@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         ds = {"name": data["name"], "key": key, "num_train": len(data["train"]), "num_test": len(test),
               "num_passages": len(data["passages"]), "steps": cfg.train.max_steps, "k": cfg.train.k,
               "batch_size": cfg.train.batch_size, "baselines": baselines, "runs": {}, "summary": {}}
-        print(f"  bm25: " + "  ".join(f"{k} {v:.3f}" for k, v in baselines["bm25"].items()), flush=True)
+        print("  bm25: " + "  ".join(f"{k} {v:.3f}" for k, v in baselines["bm25"].items()), flush=True)
         for label in args.estimators:
             if RUNS[label][1] == "independent" and not all(r.get("gold_passage_ids") for r in data["train"]):
                 print(f"  {label}: skipped on {key}: training questions lack gold_passage_ids", flush=True)

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import ray
-
+    # imported after HF_HUB_OFFLINE is set above: transformers reads it when first imported
+    from jobs.ray_env import ensure_ray
     from jobs.train import results_table, run_training
     from pipeline.data import chunk_passages, write_passages
     from pipeline.synthetic import generate_knowledge_base, write_knowledge_base

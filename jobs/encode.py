@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.ray_env import ensure_ray
 from pipeline.embeddings import (DTYPES, PATH_COL, SETTINGS_NAME, SUMMARY_NAME, ShardWriter, atomic_write_json,
                                  encode_settings, passage_files, prepare_out_dir, shard_output_name, shard_records,
                                  write_empty_shard)
@@ -200,9 +201,7 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     writer = ShardWriter(out_dir, {Path(f).name: expected[Path(f).name] for f in todo}, on_shard_done)
     actor_stats = _ActorStats()
     if todo:
-        if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                               "TOKENIZERS_PARALLELISM": "false"}})
+        ensure_ray()
         total = ray.cluster_resources().get("CPU", 0)
         need = num_actors * cpus_per_actor + (1 if read_cpus is None else read_cpus)
         if need > total:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.encode import encode_passages
+from jobs.ray_env import ensure_ray
 from pipeline.embeddings import corpus_fingerprint, gather_checked, passage_files
 from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFormatError, add_vectors,
                             deserialize_index, empty_index, merge_indexes, serialize_index, verify_index,
@@ -200,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    started = ensure_ray()
     try:
         version_dir = build_index(args.passages, args.out, encoder=args.encoder, index_type=args.index_type,
                                   num_actors=args.num_actors, batch_size=args.batch_size,

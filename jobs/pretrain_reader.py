@@ -49,7 +49,7 @@ def greedy_em(gen, rows: list[tuple[str, str, str]], batch_size: int = 64) -> fl
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             state = gen.start_decoding(gen.encode_inputs([q for q, _, _ in chunk], [p for _, p, _ in chunk]))
-            beams = beam_search(lambda prefix: gen.decode_step(state, prefix), len(chunk), gen.start_token_id,
+            beams = beam_search(lambda prefix, state=state: gen.decode_step(state, prefix), len(chunk), gen.start_token_id,
                                 gen.eos_token_id, gen.tokenizer.pad_token_id, 1, gen.max_target_length)
             hits += sum(exact_match(gen.decode(b[0][0]), a) for b, (_, _, a) in zip(beams, chunk))
     gen.train()

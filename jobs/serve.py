@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from ray import serve
 
+    from jobs.ray_env import ensure_ray
+
     from serving.app import ADMIN_TOKEN_ENV, build_app, use_serve_throughput_env
     from serving.loading import ServingLoadError
     from serving.schemas import ServeArgs

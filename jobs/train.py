@@ -21,12 +21,24 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow.tracking import MlflowClient
 
+from jobs.guard import DriverGuard
+from jobs.index import build_index
+from jobs.ray_env import ensure_ray
+from jobs.refresh import make_refresh_hook
+from jobs.sharded_index import open_search_index
+from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
-from pipeline.data import DataError, read_qa
+from pipeline.data import DataError, chunk_passages, read_corpus, read_manifest, read_qa, write_passages
 from pipeline.estimators.registry import estimator_help, objective_for
-from pipeline.index import load_index
+from pipeline.index import load_index, read_manifest as read_index_manifest
+from pipeline.models.retriever import resolve_encoder_path
 from pipeline.recipe import Events, TrainRecipe, evaluate_run
+from pipeline.tracking import Tracker, default_tracking_uri
+
+# Imported where used, because they are heavy (1-3 s each, and `latentrag train --help` should not wait):
+# ray.train, ray.train.torch, and MLflow's Ray integration.
 
 RESULT_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "num_questions")
 
@@ -50,40 +62,11 @@ def _attach_mlflow(tracking_uri: str, run_id: str):
     run instead of opening a new one. setup_mlflow sets process-global MLflow state (tracking URI, active run); that
     is harmless in a Train worker (its own process, gone after the run) but would leak from the driver into every
     worker it starts, which is why the driver keeps to an explicit MlflowClient (pipeline.tracking.Tracker)."""
-    from mlflow.tracking import MlflowClient
     from ray.air.integrations.mlflow import setup_mlflow
 
     os.environ["MLFLOW_RUN_ID"] = run_id
     experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
     return setup_mlflow(tracking_uri=tracking_uri, experiment_id=experiment_id, rank_zero_only=True)
-
-
-class ShardedTrainIndex:
-    """A `jobs.sharded_index.ShardedIndex` (search spread over index-shard actors) plus the memory-mapped
-    embeddings.npy, from which a step reads only the rows it scores (RagModel.score_rows)."""
-
-    def __init__(self, sharded):
-        import numpy as np
-
-        from pipeline.index import EMBEDDINGS_NAME
-
-        self.sharded = sharded
-        self.embeddings = np.load(sharded.path / EMBEDDINGS_NAME, mmap_mode="r")
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["sharded"], name)
-
-
-def open_train_index(index_dir, cfg: Config):
-    """The index a training worker searches: memory-mapped in the worker (FAISS IO_FLAG_MMAP where the type
-    allows, embeddings.npy with np.load(mmap_mode)), or, with index.search_shards > 1, through shard actors."""
-    from pipeline.index import load_index
-
-    if cfg.index.search_shards > 1:
-        from jobs.sharded_index import ShardedIndex
-
-        return ShardedTrainIndex(ShardedIndex(index_dir, num_shards=cfg.index.search_shards))
-    return load_index(index_dir)
 
 
 class _Trace:
@@ -152,7 +135,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from jobs.refresh import make_refresh_hook   # index refresh while the passage encoder trains (None: off)
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -168,7 +150,8 @@ def train_loop_per_worker(config: dict) -> None:
     recipe = TrainRecipe(cfg, config["train_rows"], config.get("dev_rows"), rank=rank, world_size=world,
                          device=device, wrap=wrap,
                          autocast="cuda" if device.type == "cuda" and cfg.train.precision == "bf16" else None,
-                         open_index=(lambda d: open_train_index(d, cfg)) if cfg.index.search_shards > 1 else None)
+                         open_index=(lambda d: open_search_index(d, cfg.index.search_shards))
+                         if cfg.index.search_shards > 1 else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:               # restarted after a failure, or --resume of this run
         with checkpoint.as_directory() as d:
@@ -189,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
         else None
     refresh = make_refresh_hook(cfg, config["index_dir"], cfg.output_dir, rank, world, log=_log,
                                 log_metrics=(lambda m, s: mlflow.log_metrics(m, step=s)) if mlflow else None,
-                                open_index=lambda d: open_train_index(d, cfg))
+                                open_index=lambda d: open_search_index(d, cfg.index.search_shards))
     recipe.events = RayTrainEvents(cfg, rank, trace, mlflow, refresh)
     recipe.train()
     recipe.cleanup()
@@ -202,8 +185,6 @@ RUN_STATE = "run.json"      # OUTPUT_DIR/run.json: the Ray Train run name and ML
 def read_passage_source(corpus: str, cfg: Config) -> tuple[Path | None, list[dict] | None, int]:
     """(ingested directory, None, count) when `corpus` already is one, else (None, chunked rows, count):
     read into memory, nothing written yet, so settings can be checked against the count first."""
-    from pipeline.data import chunk_passages, read_corpus, read_manifest
-
     corpus_path = Path(corpus)
     if not corpus_path.exists():
         raise DataError(f"corpus not found: {corpus}")
@@ -214,8 +195,6 @@ def read_passage_source(corpus: str, cfg: Config) -> tuple[Path | None, list[dic
 
 
 def write_passage_rows(rows: list[dict], output_dir: Path) -> Path:
-    from pipeline.data import write_passages
-
     out = output_dir / "passages"
     write_passages(rows, out)
     _log(f"[ingest] {len(rows)} passages -> {out}")
@@ -247,8 +226,6 @@ def plan_resume(output_dir: Path) -> dict:
     there is nothing to resume."""
     from ray.train import Result
 
-    from pipeline.checkpoint import read_checkpoint_meta
-
     state_file = output_dir / RUN_STATE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     plan = {"mlflow_run_id": state.get("mlflow_run_id"), "tracking_uri": state.get("tracking_uri")}
@@ -275,8 +252,6 @@ def _write_run_state(output_dir: Path, **state) -> None:
 
 def _start_or_reattach_tracker(cfg: Config, output_dir: Path, plan: dict | None):
     """The MLflow run: on --resume the interrupted run itself (back to RUNNING), else a new one."""
-    from pipeline.tracking import Tracker, default_tracking_uri
-
     uri = default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)
     if plan and plan.get("mlflow_run_id") and plan.get("tracking_uri") == uri:
         tracker = Tracker.attach(uri, plan["mlflow_run_id"])
@@ -288,19 +263,65 @@ def _start_or_reattach_tracker(cfg: Config, output_dir: Path, plan: dict | None)
     return tracker, True
 
 
-def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path | None = None,
-                 train_rows: list | None = None, dev_rows: list | None = None, eval_rows: list | None = None,
-                 resume: bool = False, tracker=None, index_dir: str | Path | None = None) -> dict:
-    """The whole recipe on a running (or freshly started) Ray. Returns the metrics written to metrics.json.
-    `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps."""
-    import ray
+def make_torch_trainer(cfg: Config, loop_config: dict, name: str, storage_path: str | Path, use_dev: bool,
+                       callbacks: list | None = None):
+    """The TorchTrainer of a run (also of a multi-worker Tune trial): `train_loop_per_worker` on
+    train.num_workers workers; checkpoints ranked by dev_score when there is a dev set."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.guard import DriverGuard
-    from jobs.index import build_index
-    from pipeline.checkpoint import load_checkpoint
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage_path), callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2,
+                                               checkpoint_score_attribute="dev_score" if use_dev else None,
+                                               checkpoint_score_order="max")))
 
+
+def _build_index(cfg: Config, passages_dir, output_dir: Path, tracker) -> Path:
+    """Encode the passages with Ray Data and build a FAISS index version under OUTPUT_DIR/index."""
+    t = time.time()
+    index_dir = build_index(passages_dir, output_dir / "index", encoder=cfg.retriever.encoder,
+                            index_type=cfg.index.type, num_actors=cfg.index.encode_actors,
+                            batch_size=cfg.index.encode_map_batch_size, threads_per_actor=cfg.index.threads_per_actor)
+    tracker.log_metrics({"index_build_seconds": time.time() - t})
+    return index_dir
+
+
+def _keep_checkpoint(result, use_dev: bool, output_dir: Path) -> Path:
+    """The best checkpoint by dev_score (else the last) copied to OUTPUT_DIR/checkpoint, atomically."""
+    best = result.get_best_checkpoint("dev_score", "max") if use_dev else None
+    chosen = best or result.checkpoint
+    final_dir, tmp_dir = output_dir / "checkpoint", output_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    with chosen.as_directory() as d:
+        shutil.copytree(d, tmp_dir)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    return final_dir
+
+
+def _log_model(tracker, output_dir: Path, final_dir: Path, index) -> None:
+    """Run files, and `model/`: a checkpoint without trainer state that `runs:/<run_id>/model` serves and
+    evaluates (the index is referenced by rag.json and checked against the logged manifest)."""
+    for name in ("config.yaml", "metrics.json", "predictions.jsonl"):
+        tracker.log_artifact(output_dir / name)
+    for name in ("generator", "query_encoder", "posterior_encoder", "rag.json", "config.yaml"):
+        if (final_dir / name).exists():
+            tracker.log_artifact(final_dir / name, f"model/{name}" if (final_dir / name).is_dir() else "model")
+    tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
+
+
+def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path | None = None,
+                 train_rows: list | None = None, dev_rows: list | None = None, eval_rows: list | None = None,
+                 resume: bool = False, tracker=None, index_dir: str | Path | None = None) -> dict:
+    """The whole run on a running (or freshly started) Ray. Returns the metrics written to metrics.json.
+    `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps."""
     output_dir = Path(output_dir).resolve()
     plan = plan_resume(output_dir) if resume else None       # nothing to resume: refused before any write
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -318,8 +339,12 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     # after a worker failure inside this run or on --resume of this run
     ray_run_name = plan.get("ray_run_name") if plan else None
     ray_run_name = ray_run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{tracker.run_id[:8]}"
-    _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
-                     tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps)
+
+    def run_state(status: str) -> None:
+        _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
+                         tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps, status=status)
+
+    run_state("running")
     guard = DriverGuard(tracker.tracking_uri, tracker.run_id, output_dir / RUN_STATE) if own_tracker else None
     own_ray = ensure_ray()
     watch_ray = guard.watch_local_ray if guard is not None and own_ray else (lambda: 0)
@@ -328,19 +353,12 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         _log(f"[train] resuming {output_dir} at step {plan['step']} of {cfg.train.max_steps} "
              f"({'Ray Train run ' + plan['ray_run_name'] if 'ray_run_name' in plan else plan['checkpoint']})")
     try:
-        # 1. index: encode passages with Ray Data and build a FAISS index version
-        if index_dir is None:
-            t = time.time()
-            index_dir = build_index(passages_dir, output_dir / "index", encoder=cfg.retriever.encoder,
-                                    index_type=cfg.index.type, num_actors=cfg.index.encode_actors,
-                                    batch_size=cfg.index.encode_map_batch_size,
-                                    threads_per_actor=cfg.index.threads_per_actor)
-            tracker.log_metrics({"index_build_seconds": time.time() - t})
-        index = load_index(index_dir)
+        # 1. the index: encoded with Ray Data into a FAISS index version
+        index = load_index(index_dir or _build_index(cfg, passages_dir, output_dir, tracker))
         _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
 
-        # 2. the untrained start
-        start = TrainRecipe(cfg, train_rows).setup(index)       # the same start as every worker's
+        # 2. the untrained start, built as every worker builds it
+        start = TrainRecipe(cfg, train_rows).setup(index)
         _log(f"[eval] untrained start on {len(eval_rows)} questions ...")
         initial, _ = start.evaluate(eval_rows)
         start.cleanup()
@@ -348,24 +366,12 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         _log("[eval] untrained: " + _fmt(initial))
 
         # 3. Ray Train
-        storage = output_dir / "ray_results"
         use_dev = bool(cfg.train.eval_every and dev_rows)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "index_dir": str(index.path), "train_rows": train_rows,
-                               "dev_rows": dev_rows or [], "tracking_uri": tracker.tracking_uri,
-                               "run_id": tracker.run_id,
-                               "resume_from": plan.get("checkpoint") if plan else None},
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-            run_config=RunConfig(
-                name=ray_run_name, storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=2,
-                    checkpoint_score_attribute="dev_score" if use_dev else None,
-                    checkpoint_score_order="max")),
-        )
+        trainer = make_torch_trainer(
+            cfg, {"cfg": cfg.to_dict(), "index_dir": str(index.path), "train_rows": train_rows,
+                  "dev_rows": dev_rows or [], "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
+                  "resume_from": plan.get("checkpoint") if plan else None},
+            ray_run_name, output_dir / "ray_results", use_dev)
         watch_ray()                        # and whatever Ray has started since (agents, Ray Data actors)
         t = time.time()
         try:
@@ -376,16 +382,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         train_seconds = time.time() - t
         if result.error:
             raise RuntimeError(f"training failed: {result.error}")
-        best = result.get_best_checkpoint("dev_score", "max") if use_dev else None
-        chosen = best or result.checkpoint
-        final_dir = output_dir / "checkpoint"
-        tmp_dir = output_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        with chosen.as_directory() as d:
-            shutil.copytree(d, tmp_dir)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
+        final_dir = _keep_checkpoint(result, use_dev, output_dir)
         _log(f"[train] done in {train_seconds:.0f}s; checkpoint -> {final_dir}")
 
         # 4. the trained model
@@ -398,25 +395,15 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         write_json(metrics, output_dir / "metrics.json")
         write_jsonl_predictions(predictions, output_dir / "predictions.jsonl")
         tracker.log_metrics({k: v for k, v in final.items() if v is not None})
-        for name in ("config.yaml", "metrics.json", "predictions.jsonl"):
-            tracker.log_artifact(output_dir / name)
-        # `runs:/<run_id>/model` is then a checkpoint that serving and `latentrag eval` load (without the
-        # trainer state; the index is referenced by rag.json and checked against the logged manifest)
-        for name in ("generator", "query_encoder", "posterior_encoder", "rag.json", "config.yaml"):
-            if (final_dir / name).exists():
-                tracker.log_artifact(final_dir / name, f"model/{name}" if (final_dir / name).is_dir() else "model")
-        tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
+        _log_model(tracker, output_dir, final_dir, index)
         _log("[eval] trained:   " + _fmt(final))
-        _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
-                         tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps, status="finished")
+        run_state("finished")
         if own_tracker:
             tracker.end()
         return metrics
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        _write_run_state(output_dir, ray_run_name=ray_run_name, mlflow_run_id=tracker.run_id,
-                         tracking_uri=tracker.tracking_uri, max_steps=cfg.train.max_steps,
-                         status="interrupted" if interrupted else "failed")
+        run_state("interrupted" if interrupted else "failed")
         if own_tracker:
             tracker.end("KILLED" if interrupted else "FAILED")
         raise
@@ -427,8 +414,6 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
 
 def check_model_paths(cfg: Config) -> None:
     """Fail fast, before any output exists, on a model path that is not there."""
-    from pipeline.models.retriever import resolve_encoder_path
-
     resolve_encoder_path(cfg.retriever.encoder)
     if cfg.generator.kind != "copy-bart":
         resolve_encoder_path(cfg.generator.name_or_path)
@@ -514,9 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             passages, rows, count = read_passage_source(cfg.data.corpus, cfg)
             check_k_fits(cfg, count, f"the corpus {cfg.data.corpus}")
         else:
-            from pipeline.index import read_manifest
-
-            check_k_fits(cfg, int(read_manifest(args.index)["count"]), f"the index {args.index}")
+            check_k_fits(cfg, int(read_index_manifest(args.index)["count"]), f"the index {args.index}")
         if rows is not None:
             passages = write_passage_rows(rows, output_dir)
         metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,

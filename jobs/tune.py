@@ -18,18 +18,27 @@ the best generator LR. `--resume` continues an interrupted sweep (Tuner.restore)
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from jobs.train import prepare_passages, train_loop_per_worker
+import ray
+
+from jobs.index import build_index
+from jobs.ray_env import ensure_ray
+from jobs.train import make_torch_trainer, prepare_passages
 from pipeline import sweep
-from pipeline.config import Config, ConfigError, from_dict
-from pipeline.data import DataError, read_qa
+from pipeline.config import Config, ConfigError, from_dict, save_config
+from pipeline.data import DataError, chunk_passages, read_qa, write_passages
 from pipeline.index import load_index
 from pipeline.recipe import Events, TrainRecipe
+from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
+from pipeline.tracking import Tracker, default_tracking_uri
+
+# Ray Tune and Train are imported where used: heavy (1-3 s), and `latentrag tune --help` should not wait.
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune.yaml"
 STATE_FILE = "sweep_state.json"
@@ -46,8 +55,6 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------- MLflow
 def child_tracker(tracking_uri: str, parent_run_id: str, trial_id: str, trial_name: str, phase: str):
     """The child run of a trial; a restarted trial (after `--resume` or a failure) reuses its run."""
-    from pipeline.tracking import Tracker
-
     parent = Tracker.attach(tracking_uri, parent_run_id)
     exp_id = parent.client.get_run(parent_run_id).info.experiment_id
     found = parent.client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
@@ -121,25 +128,18 @@ def trial_torch_trainer(params: dict, base_cfg: dict, settings: dict, index_dir:
                         tie_break: str | None, every: int, storage_path: str) -> None:
     """A trial driver (train.num_workers > 1): launches a TorchTrainer running jobs.train.train_loop_per_worker
     (Train V2 + Tune, as documented: a unique run name per trial, TuneReportCallback)."""
-    import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
 
     cfg = sweep.trial_config(from_dict(base_cfg), params, settings)
     cfg.train.eval_every = every
     ctx = ray.tune.get_context()
     tracker = child_tracker(tracking_uri, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(), phase)
     tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "index_dir": index_dir, "train_rows": train_rows,
-                           "dev_rows": dev_rows, "tracking_uri": tracking_uri, "run_id": tracker.run_id,
-                           "resume_from": None},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"train-trial_id={ctx.get_trial_id()}", storage_path=storage_path,
-                                       callbacks=[_score_callback(metric, tie_break)]),
-    )
+    trainer = make_torch_trainer(
+        cfg, {"cfg": cfg.to_dict(), "index_dir": index_dir, "train_rows": train_rows, "dev_rows": dev_rows,
+              "tracking_uri": tracking_uri, "run_id": tracker.run_id, "resume_from": None},
+        f"train-trial_id={ctx.get_trial_id()}", storage_path, use_dev=True,
+        callbacks=[_score_callback(metric, tie_break)])
     result = trainer.fit()
     tracker.end("FAILED" if result.error else "FINISHED")
     if result.error:
@@ -149,11 +149,8 @@ def trial_torch_trainer(params: dict, base_cfg: dict, settings: dict, index_dir:
 # --------------------------------------------------------------------------------------------- driver side
 def prepare_data(cfg: Config, out: Path, index: str | None, resume: bool) -> dict:
     """Rows and the index every trial reuses, plus the data paths best_config.yaml points at."""
-    from jobs.index import build_index
-    from pipeline.data import chunk_passages, write_passages
 
     if cfg.data.corpus is None:                     # the built-in synthetic knowledge base
-        from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 
         kb = generate_knowledge_base(seed=cfg.data.synthetic_seed, num_entities=cfg.data.synthetic_entities,
                                      template_set=cfg.data.synthetic_templates)
@@ -199,7 +196,6 @@ def _tune_dims(dims: dict) -> dict:
 def run_phase(cfg: Config, spec: sweep.SweepSpec, plan: dict, prepared: dict, out: Path, tracking_uri: str,
               parent_run_id: str, resume: bool) -> list[dict]:
     """One Tune experiment (restored when `resume` and it exists); returns one results row per trial."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -249,7 +245,6 @@ def run_phase(cfg: Config, spec: sweep.SweepSpec, plan: dict, prepared: dict, ou
 
 def _rows(grid, phase: str, max_t: int, tracking_uri: str, parent_run_id: str) -> list[dict]:
     """Results rows (last report of each trial); child runs still marked RUNNING (stopped by ASHA) are closed."""
-    from pipeline.tracking import Tracker
 
     client = Tracker.attach(tracking_uri, parent_run_id).client
     exp_id = client.get_run(parent_run_id).info.experiment_id
@@ -275,11 +270,6 @@ def _rows(grid, phase: str, max_t: int, tracking_uri: str, parent_run_id: str) -
 def run_sweep(cfg: Config, spec: sweep.SweepSpec, output_dir: str | Path, resume: bool = False,
               index: str | None = None) -> dict:
     """The whole sweep on a running (or freshly started) Ray. Returns the summary written to sweep.json."""
-    import ray
-
-    from pipeline.config import save_config
-    from pipeline.tracking import Tracker, default_tracking_uri
-
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(out)
@@ -378,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     except SweepInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
-    import csv
 
     with open(Path(cfg.output_dir) / "results.csv") as f:
         rows = [{k: (float(v) if k not in ("phase", "status", "trial_id", "estimator", "mlflow_run_id") and v

@@ -186,7 +186,8 @@ class Retriever:
                 logger.exception("requests %s: loading the retriever failed", [it.request_id for it in group])
                 outs = [ItemError("retrieval failed", it.request_id) for it in group]
             else:
-                outs = await asyncio.to_thread(run_each, lambda its: _retrieve_group(model, its), group, "retrieval")
+                outs = await asyncio.to_thread(run_each, lambda its, m=model: _retrieve_group(m, its), group,
+                                               "retrieval")
             for i, out in zip(idx, outs):
                 results[i] = out
         return results
@@ -312,7 +313,7 @@ class Generator:
                 outs = [ItemError("generation failed", it.request_id) for it in group]
             else:
                 outs = await asyncio.to_thread(
-                    run_each, lambda its: _decode_group(gen, its, self.thorough), group, "generation")
+                    run_each, lambda its, g=gen: _decode_group(g, its, self.thorough), group, "generation")
             for i, out in zip(idx, outs):
                 results[i] = out if isinstance(out, ItemError) else \
                     replace(out, retrieved=items[i].retrieved, batch_size=len(items))
@@ -472,7 +473,7 @@ class Ingress:
         try:
             out = await self.retriever.retrieve.remote(RetrieveItem(self._ref_dict(ref), question, k, rid))
         except Exception as exc:  # noqa: BLE001
-            raise self._handle_error(exc, rid, "retrieval")
+            raise self._handle_error(exc, rid, "retrieval") from None
         if isinstance(out, ItemError):
             raise self._failed(out, rid)
         return out
@@ -536,7 +537,7 @@ class Ingress:
         try:
             out = await self.generator.answer.remote(self._item(ref, req, k, rid))
         except Exception as exc:  # noqa: BLE001
-            raise self._handle_error(exc, rid, "generation")
+            raise self._handle_error(exc, rid, "generation") from None
         if isinstance(out, ItemError):
             raise self._failed(out, rid)
         return AnswerResponse(answer=out.answer, score=out.score, mode=req.mode,
@@ -586,7 +587,7 @@ class Ingress:
         try:
             req = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
         except ValidationError as exc:
-            raise HTTPException(422, errors.validation_details(exc.errors()))
+            raise HTTPException(422, errors.validation_details(exc.errors())) from None
         async with self._reload_lock:
             t = time.time()
             source = req.checkpoint or self.active.source
@@ -594,7 +595,7 @@ class Ingress:
             try:
                 new = await asyncio.to_thread(resolve_model_ref, source, index, self.args.download_dir)
             except ServingLoadError as exc:
-                raise HTTPException(422, f"cannot reload: {exc}")
+                raise HTTPException(422, f"cannot reload: {exc}") from None
             try:                                # load beside the serving version; nothing is swapped yet
                 await asyncio.gather(self.retriever.prepare.remote(new.to_dict()),
                                      self.generator.prepare.remote(new.to_dict()))
@@ -602,7 +603,7 @@ class Ingress:
                 _log_failure(rid, f"reload to {source}")
                 raise HTTPException(500, f"cannot reload: loading {new.model_version} failed, still serving "
                                          f"{self.active.model_version}; the server log has the details under "
-                                         f"request id {rid}")
+                                         f"request id {rid}") from None
             previous, self.active = self.active, new
             self.reloads += 1
             return ReloadResponse(previous=previous.admin(), current=new.admin(), seconds=round(time.time() - t, 3))

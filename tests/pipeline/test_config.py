@@ -263,4 +263,4 @@ def test_config_module_exports_names_derived_from_the_registry():
     assert config.ESTIMATORS == tuple(sorted(REGISTRY)) and config.STRATEGIES == tuple(STRATEGIES)
     assert config.EstimatorConfig is type(Config().estimator)
     with pytest.raises(AttributeError):
-        config.NOT_A_NAME
+        _ = config.NOT_A_NAME

@@ -31,25 +31,13 @@ from pipeline.estimators.jsa import Jsa, mis_chain, state_weights
 from pipeline.estimators.rag_token import RagToken
 from pipeline.estimators.registry import EstimatorSettings, objective_for, register, resolve_objective
 from pipeline.evaluation import decoder_for
+from pipeline.index import ArrayIndex
 from pipeline.rag import POSTERIOR_SEP, RagModel
 from pipeline.training import RagTrainer
 
 N_PASSAGES, T = 6, 2
 ALL = sorted(REGISTRY)                                       # every registered estimator, no list kept by hand
 EXACT_GRADIENT = ["rag-sequence", "rag-token", "vrag", "jsa"]   # no stop-gradient inside their losses
-
-
-class FakeIndex:
-    def __init__(self, n):
-        self.ids = [f"p{i}" for i in range(n)]
-        self.embeddings = np.eye(n, dtype=np.float32)     # score(q, row) = q[row]
-
-    def search(self, q, k):
-        order = np.argsort(-q, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(q, order, 1), order
-
-    def passage(self, row):
-        return {"title": "", "text": f"p{row}"}
 
 
 class FakeEncoder(nn.Module):
@@ -88,7 +76,7 @@ def fake_model(seed=0, n_questions=2, k_sharp=2.0):
     prior = torch.randn(n_questions, N_PASSAGES, generator=g, dtype=torch.float64)
     post = prior + k_sharp * torch.randn(n_questions, N_PASSAGES, generator=g, dtype=torch.float64) / 2
     gen = torch.randn(n_questions, N_PASSAGES, T, generator=g, dtype=torch.float64) * 1.5
-    model = RagModel(FakeEncoder(prior), FakeGenerator(gen), FakeIndex(N_PASSAGES), tau=1.0)
+    model = RagModel(FakeEncoder(prior), FakeGenerator(gen), ArrayIndex(np.eye(N_PASSAGES, dtype=np.float32), texts=[f"p{i}" for i in range(N_PASSAGES)]), tau=1.0)
     model.posterior_encoder = FakeEncoder(post)
     return model
 
@@ -471,7 +459,7 @@ def test_dro_and_distillation_gradients_match_finite_differences_with_targets_he
                     lambda s: replug_lsr_loss(s, ell.detach(), 2.0)):
         s = scores.detach().clone().requires_grad_(True)
         loss_fn(s).sum().backward()
-        assert torch.allclose(s.grad, _fd_tensor(lambda v: loss_fn(v).sum(), s.detach()), atol=1e-6)
+        assert torch.allclose(s.grad, _fd_tensor(lambda v, f=loss_fn: f(v).sum(), s.detach()), atol=1e-6)
     # the targets really are held: no gradient reaches them
     x = ell.detach().clone().requires_grad_(True)
     held = pdist_loss(scores.detach(), x) + emdr2_loss(scores.detach(), x) + replug_lsr_loss(scores.detach(), x)

@@ -1,7 +1,6 @@
 """The copy generator, the RagModel glue and decoding, on the real MiniLM and a tiny real index (no Ray)."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 

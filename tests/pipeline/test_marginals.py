@@ -1,5 +1,4 @@
 """The marginal likelihoods equal Hugging Face's RAG get_nll, and brute force, on the same inputs."""
-import itertools
 
 import pytest
 import torch

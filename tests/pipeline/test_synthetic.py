@@ -108,8 +108,8 @@ def test_alt_templates_change_wording_not_facts(kb, kb_alt):
         return out
 
     assert not skeletons(kb, "question", kb.questions) & skeletons(kb_alt, "question", kb_alt.questions)
-    sentences = lambda b: {re.sub(r"\b[A-Z][a-z]+\b|\d+", "X", s) for p in b.passages
-                           for s in re.split(r"(?<=\.) ", p["text"])}
+    def sentences(b):
+        return {re.sub(r"\b[A-Z][a-z]+\b|\d+", "X", s) for p in b.passages for s in re.split(r"(?<=\.) ", p["text"])}
     assert not sentences(kb) & sentences(kb_alt)
 
 

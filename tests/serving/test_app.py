@@ -6,10 +6,9 @@ import time
 
 import pytest
 import requests
+from serve_testlib import BODY_LIMIT, TOKEN, serve_log_lines
 
 pytestmark = pytest.mark.ray
-
-from serve_testlib import BODY_LIMIT, TOKEN, serve_log_lines
 
 Q = "Where was Varnel Ostrik born?"
 LONG = " ".join(["where", "was", "the", "person", "named", "Varnel", "Ostrik", "born", "and", "why"] * 15)  # 150 words
