@@ -327,7 +327,7 @@ class HFCausalGenerator(Generator):
         mask = torch.cat([inputs["attention_mask"], real.to(inputs["attention_mask"].dtype)], 1)
         # the logits of the last prompt token and of every answer token but the last predict the answer tokens
         logits, _ = self._forward(ids, mask, keep=labels.size(1) + 1)
-        logits = logits[:, :-1].float()
+        logits = _at_least_fp32(logits[:, :-1])
         out = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
         return out.masked_fill(~real, 0.0)
 
@@ -341,7 +341,7 @@ class HFCausalGenerator(Generator):
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         logits, cache = self._forward(ids, mask, keep=1, use_cache=True)
         start = torch.full((ids.size(0), 1), self.start_token_id, dtype=torch.long, device=ids.device)
-        return {"input_ids": ids, "attention_mask": mask, "first": torch.log_softmax(logits[:, -1].float(), -1),
+        return {"input_ids": ids, "attention_mask": mask, "first": torch.log_softmax(_at_least_fp32(logits[:, -1]), -1),
                 "cache": cache, "cache_prefix": start}
 
     @staticmethod
@@ -370,7 +370,7 @@ class HFCausalGenerator(Generator):
             logits, cache = self._forward(torch.cat([ids, new], 1), full_mask, keep=1, use_cache=use_cache)
         if use_cache:
             state["cache"], state["cache_prefix"] = cache, prefix
-        return torch.log_softmax(logits[:, -1].float(), -1)
+        return torch.log_softmax(_at_least_fp32(logits[:, -1]), -1)
 
     # ------------------------------------------------------------------------------------------ saving
     def settings(self) -> dict:
@@ -436,6 +436,11 @@ class HFCausalGenerator(Generator):
             {"prompt_template": self.prompt_template, "chat_template": self.chat_template,
              "max_source_length": self.max_source_length, "answer_separator": self._answer_sep}, indent=2))
         return out_dir
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # log-probabilities of bf16 logits in fp32; float64 (gradient checks) stays float64
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _quantization_kwargs(quantize: str, dtype: str) -> dict:
