@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.ray_env import ensure_ray
-from pipeline.embeddings import (DTYPES, PATH_COL, SETTINGS_NAME, SUMMARY_NAME, ShardWriter, atomic_write_json,
+from pipeline.data import write_json
+from pipeline.embeddings import (DTYPES, PATH_COL, SETTINGS_NAME, SUMMARY_NAME, ShardWriter,
                                  encode_settings, passage_files, prepare_out_dir, shard_output_name, shard_records,
                                  write_empty_shard)
 # the embeddings-directory format moved to pipeline/embeddings.py; what callers imported from here stays importable
@@ -286,7 +287,7 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
              "encode_batch_size": encode_batch_size, "cpus_per_actor": cpus_per_actor, "block_mb": block_mb,
              "gpus_per_actor": gpus_per_actor, **settings, "passages_dir": str(Path(passages_dir)),
              "out_dir": str(out_dir), "shards": shards}
-    atomic_write_json(stats, out_dir / SUMMARY_NAME)
+    write_json(stats, out_dir / SUMMARY_NAME)
     return stats
 
 

@@ -5,7 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.data import DataError, read_qa
+from jobs.train import format_metrics
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import DataError, read_qa, write_json, write_jsonl
+from pipeline.evaluation import evaluate
 
 
 def _positive_int(text: str) -> int:
@@ -36,10 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jobs.train import _fmt, write_json, write_jsonl_predictions
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.evaluation import evaluate
-
     try:
         rows = read_qa(args.eval_qa)
         model, cfg, meta = load_checkpoint(args.checkpoint, index_dir=args.index)
@@ -63,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / "metrics.json")
-    write_jsonl_predictions(predictions, out / "predictions.jsonl")
-    print(_fmt(metrics))
+    write_jsonl(predictions, out / "predictions.jsonl")
+    print(format_metrics(metrics))
     print(f"metrics -> {out / 'metrics.json'}")
     return 0
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from pipeline.data import write_json
+
 
 class DriverGuard:
     """The driver's side: start the watcher, tell it which Ray processes are the driver's, say "done" at the end."""
@@ -107,9 +109,7 @@ def _record_interruption(run_state: Path, parent: int) -> None:
         return
     state = json.loads(run_state.read_text())
     state.update(status="killed", interrupted_at=time.strftime("%Y-%m-%dT%H:%M:%S"), driver_pid=parent)
-    tmp = run_state.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, run_state)
+    write_json(state, run_state)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import open_search_index
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
-from pipeline.data import DataError, chunk_passages, read_corpus, read_manifest, read_qa, write_passages
+from pipeline.data import (DataError, chunk_passages, read_corpus, read_manifest, read_qa, write_json, write_jsonl,
+                           write_passages)
 from pipeline.estimators.registry import estimator_help, objective_for
 from pipeline.index import load_index, read_manifest as read_index_manifest
 from pipeline.models.retriever import resolve_encoder_path
@@ -363,7 +364,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         initial, _ = start.evaluate(eval_rows)
         start.cleanup()
         tracker.log_metrics({f"initial_{k}": v for k, v in initial.items() if v is not None})
-        _log("[eval] untrained: " + _fmt(initial))
+        _log("[eval] untrained: " + format_metrics(initial))
 
         # 3. Ray Train
         use_dev = bool(cfg.train.eval_every and dev_rows)
@@ -393,10 +394,10 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
                    "train_seconds": round(train_seconds, 1), "initial": initial,
                    "mlflow_run_id": tracker.run_id}
         write_json(metrics, output_dir / "metrics.json")
-        write_jsonl_predictions(predictions, output_dir / "predictions.jsonl")
+        write_jsonl(predictions, output_dir / "predictions.jsonl")
         tracker.log_metrics({k: v for k, v in final.items() if v is not None})
         _log_model(tracker, output_dir, final_dir, index)
-        _log("[eval] trained:   " + _fmt(final))
+        _log("[eval] trained:   " + format_metrics(final))
         run_state("finished")
         if own_tracker:
             tracker.end()
@@ -421,7 +422,7 @@ def check_model_paths(cfg: Config) -> None:
         resolve_encoder_path(cfg.generator.tokenizer)
 
 
-def _fmt(m: dict) -> str:
+def format_metrics(m: dict) -> str:
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"
     return "  ".join(f"{k} {f(m.get(k))}" for k in ("em", "f1", "recall@1", "recall@5", "recall@20"))
@@ -436,18 +437,6 @@ def results_table(metrics: dict) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in width))
     return "\n".join(lines)
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def write_jsonl_predictions(rows, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -599,6 +599,17 @@ def read_qa(path: str | os.PathLike, fmt: str | None = None) -> list[dict]:
 # JSONL
 
 
+def write_json(obj, path: str | os.PathLike) -> None:
+    """Write one JSON document atomically (temporary file beside ``path``, fsync, then `os.replace`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> int:
     """Write rows as JSON lines atomically (temporary file beside ``path``, then `os.replace`); returns the count."""
     path = Path(path)

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data import write_json
 from pipeline.index.errors import IndexFormatError
 
 SUMMARY_NAME = "embeddings.json"
@@ -100,15 +101,6 @@ def encode_settings(passages_dir: str | os.PathLike, encoder: str | None, dtype:
             "corpus_fingerprint": corpus_fingerprint(passages_dir)}
 
 
-def atomic_write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def prepare_out_dir(out_dir: Path, settings: dict, overwrite: bool, resume: bool) -> None:
     """Create `out_dir`, or check that an existing one is a resumable run of the same settings."""
     settings_file = out_dir / SETTINGS_NAME
@@ -136,7 +128,7 @@ def prepare_out_dir(out_dir: Path, settings: dict, overwrite: bool, resume: bool
             (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
             return
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(settings, settings_file)
+    write_json(settings, settings_file)
 
 
 def write_empty_shard(out_dir: Path, passage_file: str | os.PathLike) -> None:
