@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from jobs.encode import encode_passages
 from jobs.ray_env import ensure_ray
@@ -25,6 +26,7 @@ from pipeline.embeddings import corpus_fingerprint, gather_checked, passage_file
 from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFormatError, add_vectors,
                             deserialize_index, empty_index, merge_indexes, serialize_index, verify_index,
                             write_index_version)
+from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
 
 
 def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, encoder: str | None = "minilm",
@@ -44,10 +46,9 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     version is written. flat and ivfpq indexes of at least `parallel_min_vectors` vectors are built shard-parallel
     (`build_parallel`): ivfpq is trained once on a sample, one Ray task per embedding shard adds that shard's
     vectors, and the parts are merged in shard order (below that size task overhead outweighs the work); hnsw is
-    built in one process (FAISS's OpenMP threads: HNSW graphs do not merge). `encoder_name` (default: `encoder`) is what the manifest records.
+    built in one process (FAISS's OpenMP threads: HNSW graphs do not merge). `encoder_name` (default: `encoder`) is
+    what the manifest records.
     Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
-    from pipeline.models.retriever import resolve_encoder_path
-
     files = passage_files(passages_dir)
     resolve_encoder_path(encoder)
     _check_index_params(index_type, index_params)
@@ -89,8 +90,6 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
 def scratch_dir(index_root: str | os.PathLike, passages_dir: str | os.PathLike, encoder: str | None,
                 dtype: str = "float32") -> Path:
     """Where `build_index` encodes (and, after a crash, resumes encoding) this corpus with this encoder."""
-    from pipeline.models.retriever import encoder_fingerprint
-
     return Path(index_root) / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-"
                                f"{_slug(corpus_fingerprint(passages_dir))}")
 
@@ -102,8 +101,6 @@ def _slug(text: str | None) -> str:
 def _build_shard_parallel(embeddings: np.ndarray, shard_rows: list[int], index_type: str, build_cpus: float,
                           threads: int | None, params: dict):
     """ivfpq: train on a sample in the driver; then one Ray task per shard adds its rows; merge in shard order."""
-    import ray
-
     n = len(embeddings)
     empty, _ = empty_index(index_type, n, embeddings, threads=threads, **params)
     empty_ref = ray.put(serialize_index(empty))
@@ -186,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
 
-    from pipeline.models.retriever import resolve_encoder_path
-
     try:
         passage_files(args.passages)
         resolve_encoder_path(args.encoder)
@@ -198,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    import ray
 
     started = ensure_ray()
     try:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch, transformers and the pipeline are imported inside the functions: after the variables above, which
+# transformers and tokenizers read when first imported
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "reader"
 

@@ -17,14 +17,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import ray
+import torch.distributed as dist
+
+from jobs.index import build_index
 from pipeline.index import load_index, read_manifest, resolve_version_dir, set_current
 from pipeline.refresh import IndexRefresher, parse_refresh_schedule
 
 
 def _refresh_build(passages_dir: str, index_root: str, encoder_dir: str, step: int, kwargs: dict) -> dict:
     """Ray task body: encode + build one refresh version (not made current); returns its costs."""
-    from jobs.index import build_index
-
     t0 = time.perf_counter()
     version = build_index(passages_dir, index_root, encoder=encoder_dir, make_current=False,
                           encoder_name=f"passage-encoder@step{step}", extra={"refresh_step": step}, **kwargs)
@@ -47,25 +49,17 @@ class RayRefreshBuilder:
                        "cpus_per_actor": cpus, "build_cpus": cpus, "read_cpus": cpus}
 
     def submit(self, encoder_dir: str, step: int):
-        import ray
-
         task = ray.remote(_refresh_build).options(num_cpus=self.cpus)
         return task.remote(self.passages_dir, self.index_root, encoder_dir, step, self.kwargs)
 
     def done(self, handle) -> bool:
-        import ray
-
         ready, _ = ray.wait([handle], timeout=0)
         return bool(ready)
 
     def result(self, handle) -> dict:
-        import ray
-
         return ray.get(handle)
 
     def cancel(self, handle) -> None:
-        import ray
-
         ray.cancel(handle, force=True)
 
 
@@ -90,8 +84,6 @@ class RefreshHook:
                          f"re-encode + index build running in the background")
                 self._metrics({"refresh/snapshot_seconds": rec["snapshot_seconds"]}, step)
         if self.world > 1:
-            import torch.distributed as dist
-
             box = [target]
             dist.broadcast_object_list(box, src=0)
             target = box[0]
@@ -133,8 +125,6 @@ class RefreshHook:
 
 def _check_room(cfg) -> None:
     """A refresh build that can never be scheduled would leave training on the first index forever, silently."""
-    import ray
-
     total = ray.cluster_resources().get("CPU", 0.0)
     train = cfg.train.num_workers * cfg.train.cpus_per_worker
     # the build task, its encoder actors, a read task: every task and actor of the refresh reserves refresh_cpus.

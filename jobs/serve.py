@@ -14,6 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+import ray
+import yaml
+from pydantic import ValidationError
+
+from jobs.ray_env import ensure_ray
+from serving.loading import ServingLoadError, is_mlflow_uri
+from serving.schemas import ServeArgs
+
+# Ray Serve and the app (which imports it) are imported in main: heavy, and `latentrag serve --help` should not wait.
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
 
 
@@ -32,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_serve_config(path: str | Path | None) -> dict:
-    import yaml
-
     if path is None:
         if not DEFAULT_CONFIG.is_file():
             return {}
@@ -48,8 +56,6 @@ def load_serve_config(path: str | Path | None) -> dict:
 
 
 def _absolute(value: str | None) -> str | None:
-    from serving.loading import is_mlflow_uri
-
     if value is None or is_mlflow_uri(value):
         return value
     return str(Path(value).expanduser().resolve())
@@ -78,15 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or http.get("port") or 8000
 
-    import ray
-    from pydantic import ValidationError
     from ray import serve
 
-    from jobs.ray_env import ensure_ray
-
     from serving.app import ADMIN_TOKEN_ENV, build_app, use_serve_throughput_env
-    from serving.loading import ServingLoadError
-    from serving.schemas import ServeArgs
 
     config_token = cfg.get("env_vars", {}).get(ADMIN_TOKEN_ENV)
     if config_token and not os.environ.get(ADMIN_TOKEN_ENV) and not any(
