@@ -1,0 +1,60 @@
+"""`latentrag train` -> `latentrag eval` through the CLI on a tiny causal model with LoRA (a tiny Qwen2 saved to a tmp
+dir and named by path as generator.name_or_path), on the shared local Ray: 4 JSA steps, then eval of the checkpoint
+gives the train job's own final predictions."""
+import json
+
+import pytest
+from test_hf_causal_helpers import save_tiny_base
+
+PASSAGES = [
+    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
+    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
+    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
+    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
+    {"id": "e", "title": "Tamsin Vey", "text": "Tamsin Vey sails a boat called the Gullwing."},
+    {"id": "f", "title": "Tamsin Vey", "text": "Tamsin Vey keeps bees on the hill of Orrin."},
+]
+QA = [("Where was Varnel Ostrik born?", "Meridale", "a"), ("Who employed Varnel Ostrik?", "Quendle Guild", "b"),
+      ("What does Kela Dorn play?", "zumbrel", "c"), ("Where did Kela Dorn grow up?", "Ashvane", "d")]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.ray
+def test_train_then_eval_a_lora_causal_generator_through_the_cli(ray_local, tmp_path):
+    from jobs import cli
+
+    base = save_tiny_base(tmp_path / "tiny-qwen2", "qwen2", pad=False)
+    corpus = _jsonl(tmp_path / "corpus.jsonl", PASSAGES)
+    qa = _jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "gold_passage_ids": [g]} for q, a, g in QA])
+    out = tmp_path / "train"
+    settings = ["generator.kind=hf-causal", f"generator.name_or_path={base}", "generator.lora.r=4",
+                "generator.lora.alpha=8", "generator.lora.target_modules=q_proj,v_proj",
+                "generator.max_source_length=64", "generator.max_target_length=6", "generator.lr=1e-2",
+                "train.batch_size=2", "train.k=2", "eval.k=2", "train.warmup_steps=0", "train.log_every=1",
+                "train.cpus_per_worker=1", "train.torch_threads=1", "estimator.jsa_num_proposals=2"]
+    rc = cli.main(["train", "--corpus", str(corpus), "--train-qa", str(qa), "--eval-qa", str(qa),
+                   "--estimator", "jsa", "--max-steps", "4", "--output-dir", str(out),
+                   *[x for s in settings for x in ("--set", s)]])
+    assert rc == 0
+    gen_dir = out / "checkpoint" / "generator"
+    meta = json.loads((gen_dir / "generator.json").read_text())
+    assert meta["kind"] == "hf-causal" and meta["lora"]["r"] == 4 and meta["base"] == str(base)
+    assert (gen_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (gen_dir / "base").exists() and not (gen_dir / "model").exists()     # adapter only
+    trained = json.loads((out / "metrics.json").read_text())
+    assert trained["estimator"] == "jsa" and trained["num_questions"] == len(QA)
+
+    ev = tmp_path / "eval"
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint"), "--eval-qa", str(qa),
+                     "--output-dir", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["num_questions"] == len(QA) and metrics["k"] == 2
+
+    def answers(path):
+        return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
+
+    assert answers(ev / "predictions.jsonl") == answers(out / "predictions.jsonl")
