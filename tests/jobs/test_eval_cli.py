@@ -4,18 +4,9 @@ no Ray."""
 import json
 
 import pytest
+from testlib import minilm_index
 
 from jobs import cli
-
-PASSAGES = [
-    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
-    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
-    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
-    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
-    {"id": "e", "title": "Tamsin Vey", "text": "Tamsin Vey sails a boat called the Gullwing."},
-    {"id": "f", "title": "Tamsin Vey", "text": "Tamsin Vey keeps bees on the hill of Orrin."},
-]
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -23,17 +14,14 @@ def checkpoint(tmp_path_factory):
 
     from pipeline.checkpoint import save_checkpoint
     from pipeline.config import Config, GeneratorConfig
-    from pipeline.index import load_index, passage_text, write_index_version
+    from pipeline.index import load_index
     from pipeline.models.generator import build_generator
-    from pipeline.models.retriever import TextEncoder, encoder_fingerprint
+    from pipeline.models.retriever import TextEncoder
     from pipeline.rag import RagModel
 
     root = tmp_path_factory.mktemp("eval_cli")
     encoder = TextEncoder()
-    emb = encoder.encode([passage_text(p["title"], p["text"]) for p in PASSAGES]).numpy()
-    version = write_index_version(root / "index", emb, [p["id"] for p in PASSAGES], "flat", encoder_name="minilm",
-                                  encoder_fingerprint=encoder_fingerprint("minilm"), corpus_fingerprint="tiny",
-                                  titles=[p["title"] for p in PASSAGES], texts=[p["text"] for p in PASSAGES])
+    version = minilm_index(root / "index", encoder=encoder)
     torch.manual_seed(0)
     gen = build_generator(GeneratorConfig(d_model=32, ffn_dim=64, encoder_layers=1, decoder_layers=1,
                                           attention_heads=2, max_target_length=4), ["Meridale", "Orrin"])

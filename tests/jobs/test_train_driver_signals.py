@@ -18,9 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from testlib import minilm_index
 
-from pipeline.index import load_index, passage_text, write_index_version
-from pipeline.models.retriever import TextEncoder, encoder_fingerprint
 from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 from pipeline.training import DataOrder
 
@@ -33,13 +32,7 @@ def kb_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("kb")
     kb = generate_knowledge_base(seed=0, num_entities=12)
     write_knowledge_base(kb, root / "data")
-    enc = TextEncoder("minilm")
-    texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
-    write_index_version(root / "index", enc.encode(texts).numpy(), [x["id"] for x in kb.passages], "flat",
-                        encoder_name="minilm", encoder_fingerprint=encoder_fingerprint("minilm"),
-                        corpus_fingerprint="test", titles=[x["title"] for x in kb.passages],
-                        texts=[x["text"] for x in kb.passages])
-    load_index(root / "index")
+    minilm_index(root / "index", kb.passages)
     return root, len(kb.train)
 
 

@@ -11,24 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from testlib import minilm_index
 
 from pipeline.config import load_config
+from pipeline.index import load_index
 from pipeline.training import DataOrder
 
 MAX_STEPS, CKPT_EVERY, BATCH, WORKERS = 10, 3, 2, 2
-
-
-def _tiny_index(kb, root: Path):
-    from pipeline.index import load_index, passage_text, write_index_version
-    from pipeline.models.retriever import TextEncoder, encoder_fingerprint
-
-    enc = TextEncoder("minilm")
-    texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
-    write_index_version(root, enc.encode(texts).numpy(), [x["id"] for x in kb.passages], "flat",
-                        encoder_name="minilm", encoder_fingerprint=encoder_fingerprint("minilm"),
-                        corpus_fingerprint="test", titles=[x["title"] for x in kb.passages],
-                        texts=[x["text"] for x in kb.passages])
-    return load_index(root)
 
 
 def _records(path: Path) -> list[dict]:
@@ -43,7 +32,7 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_no_example(ray_local, t
     from pipeline.synthetic import generate_knowledge_base
 
     kb = generate_knowledge_base(seed=0, num_entities=12)
-    index = _tiny_index(kb, tmp_path / "index")
+    index = load_index(minilm_index(tmp_path / "index", kb.passages))
     out = tmp_path / "run"
     cfg = load_config(None, [f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CKPT_EVERY}",
                              f"train.batch_size={BATCH}", f"train.num_workers={WORKERS}", "train.cpus_per_worker=1",

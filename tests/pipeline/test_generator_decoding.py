@@ -3,21 +3,18 @@ import itertools
 
 import pytest
 import torch
+from testlib import PASSAGES as BASE_PASSAGES
+from testlib import minilm_index
 
 from pipeline.config import GeneratorConfig
 from pipeline.decoding import beam_search, rag_sequence_decode, rag_token_decode
 from pipeline.estimators import REGISTRY, build_estimator
-from pipeline.index import load_index, passage_text, write_index_version
+from pipeline.index import load_index
 from pipeline.models.generator import build_generator, load_generator
-from pipeline.models.retriever import TextEncoder, encoder_fingerprint
+from pipeline.models.retriever import TextEncoder
 from pipeline.rag import RagModel
 
-PASSAGES = [
-    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
-    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
-    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
-    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
-]
+PASSAGES = BASE_PASSAGES[:4]
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +24,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def model(encoder, tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    texts = [passage_text(p["title"], p["text"]) for p in PASSAGES]
-    emb = encoder.encode(texts).numpy()
-    write_index_version(root, emb, [p["id"] for p in PASSAGES], "flat", encoder_name="minilm",
-                        encoder_fingerprint=encoder_fingerprint("minilm"), corpus_fingerprint="x",
-                        titles=[p["title"] for p in PASSAGES], texts=[p["text"] for p in PASSAGES])
+    root = minilm_index(tmp_path_factory.mktemp("index"), PASSAGES, encoder)
     torch.manual_seed(0)
     gen = build_generator(GeneratorConfig(dropout=0.0), ["Meridale", "Quendle Guild", "zumbrel", "Ashvane"])
     return RagModel(encoder, gen, load_index(root), tau=0.05).eval()

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.index import load_index, passage_text, write_index_version
-from pipeline.models.retriever import TextEncoder, encoder_fingerprint
+from testlib import minilm_index
+
+from pipeline.index import load_index
 from pipeline.recipe import Events, TrainRecipe, dev_score
 from pipeline.synthetic import generate_knowledge_base
 
@@ -17,14 +18,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def kb_index(tmp_path_factory):
     kb = generate_knowledge_base(seed=0, num_entities=10)
-    root = tmp_path_factory.mktemp("index")
-    enc = TextEncoder("minilm")
-    texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
-    write_index_version(root, enc.encode(texts).numpy(), [x["id"] for x in kb.passages], "flat",
-                        encoder_name="minilm", encoder_fingerprint=encoder_fingerprint("minilm"),
-                        corpus_fingerprint="test", titles=[x["title"] for x in kb.passages],
-                        texts=[x["text"] for x in kb.passages])
-    return kb, load_index(root)
+    return kb, load_index(minilm_index(tmp_path_factory.mktemp("index"), kb.passages))
 
 
 def _cfg(estimator="rag-sequence", **train):

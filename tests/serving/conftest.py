@@ -4,30 +4,15 @@ import socket
 
 import pytest
 from serve_testlib import BODY_LIMIT, TOKEN
+from testlib import ANSWERS, PASSAGES, minilm_index
 
 from serving.app import use_serve_throughput_env
 
 use_serve_throughput_env()      # Serve's request path as `latentrag serve` runs it (read when Ray starts)
 
-PASSAGES = [
-    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
-    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
-    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
-    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
-    {"id": "e", "title": "Tamsin Vey", "text": "Tamsin Vey sails a boat called the Gullwing."},
-    {"id": "f", "title": "Tamsin Vey", "text": "Tamsin Vey keeps bees on the hill of Orrin."},
-]
-ANSWERS = ["Meridale", "Quendle Guild", "zumbrel", "Ashvane", "Gullwing", "Orrin"]
-
 
 def write_index(root, encoder):
-    from pipeline.index import passage_text, write_index_version
-    from pipeline.models.retriever import encoder_fingerprint
-
-    emb = encoder.encode([passage_text(p["title"], p["text"]) for p in PASSAGES]).numpy()
-    return write_index_version(root, emb, [p["id"] for p in PASSAGES], "flat", encoder_name="minilm",
-                               encoder_fingerprint=encoder_fingerprint("minilm"), corpus_fingerprint="tiny",
-                               titles=[p["title"] for p in PASSAGES], texts=[p["text"] for p in PASSAGES])
+    return minilm_index(root, PASSAGES, encoder)
 
 
 def write_checkpoint(out_dir, encoder, index_dir, step: int, seed: int = 0):
