@@ -381,3 +381,17 @@ def test_lora_keys_work_like_any_other_key(tmp_path):
         load_config(None, ["generator.lora.r=8"])
     for family in FAMILIES:                                          # the default targets exist in both families
         tiny_generator(family, lora={**lora_settings(), "target_modules": LoraConfig().target_modules})
+
+
+def test_the_real_qwen_lora_config_loads_and_its_targets_exist_in_qwen2(tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "real_qwen_lora.yaml")
+    g = cfg.generator
+    assert g.kind == "hf-causal" and g.lora is not None and cfg.train.estimator == "jsa" and cfg.train.use_gpu
+    gen = tiny_generator("qwen2", tokenizer=tiny_tokenizer(chat=True), chat_template=g.chat_template,
+                         prompt_template=g.prompt_template, max_source_length=g.max_source_length,
+                         lora={"r": g.lora.r, "alpha": g.lora.alpha, "dropout": g.lora.dropout,
+                               "target_modules": g.lora.target_modules})
+    wrapped = [n.split(".")[-4] for n, _ in gen.named_parameters() if "lora_A" in n]     # <module>.lora_A.default.weight
+    assert sorted(set(wrapped)) == sorted(g.lora.target_modules) and len(wrapped) == 2 * 7     # 2 layers
