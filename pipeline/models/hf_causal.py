@@ -63,8 +63,9 @@ def base_fingerprint(model) -> dict:
     """Architecture + a hash of the first values of every weight (as bf16, so fp32 and bf16 loads of one checkpoint
     agree): enough to tell Qwen2.5-1.5B from Qwen2.5-1.5B-Instruct, which share a config."""
     cfg = model.config
+    quantized = bool(getattr(model, "is_quantized", False) or getattr(cfg, "quantization_config", None))
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(model.state_dict().items()) if not quantized else ():
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         if p.is_floating_point():
@@ -72,7 +73,12 @@ def base_fingerprint(model) -> dict:
     return {"model_type": cfg.model_type, "vocab_size": int(cfg.vocab_size),
             "hidden_size": int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)) or 0),
             "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)) or 0),
-            "weights_sha256": h.hexdigest()[:16]}
+            # a 4/8-bit base's packed weights match no unquantized load of it: architecture only
+            "weights_sha256": None if quantized else h.hexdigest()[:16]}
+
+
+def _same_base(expected: dict, got: dict) -> bool:
+    return all(got.get(k) == v for k, v in expected.items() if not (k == "weights_sha256" and v is None))
 
 
 class HFCausalGenerator(Generator):
@@ -85,6 +91,8 @@ class HFCausalGenerator(Generator):
                  expected_base: dict | None = None, where: str = "generator"):
         super().__init__()
         check_prompt_template(prompt_template, f"{where}.prompt_template")
+        if name_or_path and Path(name_or_path).expanduser().is_dir():
+            name_or_path = str(Path(name_or_path).expanduser().resolve())    # the reference survives a cd
         self.name_or_path = name_or_path
         self.prompt_template = prompt_template
         self.chat_template = bool(chat_template)
@@ -107,7 +115,7 @@ class HFCausalGenerator(Generator):
                                     "has no chat template; set generator.chat_template=false to use the prompt as is")
         # the base is fingerprinted before any adapter is attached: the adapter is refused on another base
         self.base_fingerprint = base_fingerprint(model)
-        if expected_base is not None and expected_base != self.base_fingerprint:
+        if expected_base is not None and not _same_base(expected_base, self.base_fingerprint):
             diff = {k: (expected_base.get(k), v) for k, v in self.base_fingerprint.items()
                     if expected_base.get(k) != v}
             raise CausalConfigError(f"{where}: the adapter was trained on another base model than "

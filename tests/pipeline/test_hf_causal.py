@@ -395,3 +395,19 @@ def test_the_real_qwen_lora_config_loads_and_its_targets_exist_in_qwen2(tmp_path
                                "target_modules": g.lora.target_modules})
     wrapped = [n.split(".")[-4] for n, _ in gen.named_parameters() if "lora_A" in n]     # <module>.lora_A.default.weight
     assert sorted(set(wrapped)) == sorted(g.lora.target_modules) and len(wrapped) == 2 * 7     # 2 layers
+
+
+def test_a_quantized_base_is_fingerprinted_by_architecture_only():
+    """A QLoRA adapter (trained on a 4/8-bit base, whose packed weights no unquantized load reproduces) loads onto
+    the unquantized base for eval and serving, and is still refused on another architecture."""
+    from pipeline.models.hf_causal import base_fingerprint
+
+    model = tiny_model("llama")
+    model.config.quantization_config = {"load_in_4bit": True}          # what a bitsandbytes load leaves
+    packed = base_fingerprint(model)
+    assert packed["weights_sha256"] is None and packed["model_type"] == "llama"
+    other_weights = tiny_model("llama", seed=5)
+    assert isinstance(HFCausalGenerator(other_weights, tiny_tokenizer(), lora=lora_settings(), expected_base=packed),
+                      HFCausalGenerator)
+    with pytest.raises(CausalConfigError, match="another base model"):
+        HFCausalGenerator(tiny_model("qwen2"), tiny_tokenizer(), lora=lora_settings(), expected_base=packed)
