@@ -81,6 +81,56 @@ def _same_base(expected: dict, got: dict) -> bool:
     return all(got.get(k) == v for k, v in expected.items() if not (k == "weights_sha256" and v is None))
 
 
+def check_tokenizer(tok, vocab: int, chat_template: bool, where: str = "generator", name: str | None = None) -> None:
+    """What a causal generator needs of its tokenizer: EOS (it ends answers, and pads when there is no pad token),
+    no ids beyond the model's embedding, and a chat template when one is asked for."""
+    if tok.eos_token_id is None:
+        raise CausalConfigError(f"{where}: the tokenizer has neither a pad token nor an EOS token; a causal "
+                                "generator needs EOS to end answers (and pads with it)" if tok.pad_token_id is None
+                                else f"{where}: the tokenizer has no EOS token to end answers")
+    if len(tok) > vocab:
+        # we never add tokens (padding reuses EOS), so no embedding is resized and nothing but adapters trains
+        raise CausalConfigError(f"{where}: the tokenizer has {len(tok)} tokens but the model's embedding {vocab}; "
+                                "use the tokenizer the model was trained with")
+    if chat_template and not getattr(tok, "chat_template", None):
+        raise CausalConfigError(f"{where}.chat_template: true, but the tokenizer of {name or 'the model'} has no "
+                                "chat template; set generator.chat_template=false to use the prompt as is")
+
+
+def lora_target_arg(model, targets: list[str], where: str = "generator", name: str | None = None):
+    """peft's target_modules for `targets`, each of which must name a module of `model` (peft itself only fails
+    when none does)."""
+    if targets == ["all-linear"]:
+        return "all-linear"
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise CausalConfigError(f"{where}.lora.target_modules: {', '.join(unmatched)} match no module of "
+                                f"the {model.config.model_type} model {name or ''}".rstrip()
+                                + f"; its linear layers are {', '.join(linear)} (or use all-linear)")
+    return targets
+
+
+def preflight(cfg) -> None:
+    """The checks of building an hf-causal generator from a `GeneratorConfig` that need no weights (tokenizer,
+    prompt template, LoRA target modules against the model built on the meta device): for a driver, so that a bad
+    setting fails before Ray or any download of weights starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models.retriever import resolve_encoder_path
+
+    check_prompt_template(cfg.prompt_template)
+    path = resolve_encoder_path(cfg.name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    check_tokenizer(AutoTokenizer.from_pretrained(path), model.get_input_embeddings().num_embeddings,
+                    cfg.chat_template, name=path)
+    if cfg.lora is not None:
+        lora_target_arg(model, list(cfg.lora.target_modules), name=path)
+
+
 class HFCausalGenerator(Generator):
     """Any `AutoModelForCausalLM` behind the Generator interface (see the module doc)."""
 
@@ -102,17 +152,11 @@ class HFCausalGenerator(Generator):
         self.dtype = dtype
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.tokenizer = tokenizer
+        check_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings, self.chat_template, where,
+                        name_or_path)
         self._set_pad_token(where)
-        vocab = model.get_input_embeddings().num_embeddings
-        if len(tokenizer) > vocab:
-            # we never add tokens (padding reuses EOS), so no embedding is resized and nothing but adapters trains
-            raise CausalConfigError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding "
-                                    f"{vocab}; use the tokenizer the model was trained with")
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        if self.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise CausalConfigError(f"{where}.chat_template: true, but the tokenizer of {name_or_path or 'the model'} "
-                                    "has no chat template; set generator.chat_template=false to use the prompt as is")
         # the base is fingerprinted before any adapter is attached: the adapter is refused on another base
         self.base_fingerprint = base_fingerprint(model)
         if expected_base is not None and not _same_base(expected_base, self.base_fingerprint):
@@ -152,9 +196,6 @@ class HFCausalGenerator(Generator):
         tok = self.tokenizer
         if tok.pad_token_id is not None:
             return
-        if tok.eos_token_id is None:
-            raise CausalConfigError(f"{where}: the tokenizer has neither a pad token nor an EOS token; a causal "
-                                    "generator needs EOS to end answers (and pads with it)")
         log.warning("%s: the tokenizer has no pad token; padding with its EOS token %r (padding is masked out of "
                     "attention and loss, so the id never matters)", where, tok.eos_token)
         tok.pad_token = tok.eos_token
@@ -162,19 +203,7 @@ class HFCausalGenerator(Generator):
     def _with_lora(self, model, adapter_dir, where: str):
         import peft
 
-        targets = list(self.lora["target_modules"])
-        if targets == ["all-linear"]:
-            target_arg = "all-linear"
-        else:
-            names = [n for n, _ in model.named_modules()]
-            unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-            if unmatched:
-                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
-                raise CausalConfigError(f"{where}.lora.target_modules: {', '.join(unmatched)} match no module of "
-                                        f"the {model.config.model_type} model {self.name_or_path or ''}".rstrip()
-                                        + f"; its linear layers are {', '.join(linear)} (or use all-linear)")
-            target_arg = targets
+        target_arg = lora_target_arg(model, list(self.lora["target_modules"]), where, self.name_or_path)
         if adapter_dir is not None:
             return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         config = peft.LoraConfig(r=int(self.lora["r"]), lora_alpha=float(self.lora["alpha"]),

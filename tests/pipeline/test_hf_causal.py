@@ -411,3 +411,23 @@ def test_a_quantized_base_is_fingerprinted_by_architecture_only():
                       HFCausalGenerator)
     with pytest.raises(CausalConfigError, match="another base model"):
         HFCausalGenerator(tiny_model("qwen2"), tiny_tokenizer(), lora=lora_settings(), expected_base=packed)
+
+
+def test_preflight_refuses_bad_settings_without_loading_weights(tmp_path, monkeypatch):
+    """What a driver can call before Ray starts: the model is built on the meta device, no weights are read."""
+    from pipeline.models import hf_causal
+
+    base = save_tiny_base(tmp_path / "base", "llama", pad=False)
+    good = GeneratorConfig(kind="hf-causal", name_or_path=str(base), lora=LoraConfig())
+    (base / "model.safetensors").unlink()                                 # no weights needed
+    hf_causal.preflight(good)
+    with pytest.raises(CausalConfigError, match="c_attn match no module"):
+        hf_causal.preflight(GeneratorConfig(kind="hf-causal", name_or_path=str(base),
+                                            lora=LoraConfig(target_modules=["c_attn"])))
+    with pytest.raises(CausalConfigError, match="no chat template"):
+        hf_causal.preflight(GeneratorConfig(kind="hf-causal", name_or_path=str(base), chat_template=True))
+    with pytest.raises(ConfigError, match=r"\{passage\}"):
+        hf_causal.preflight(GeneratorConfig(kind="hf-causal", name_or_path=str(base), prompt_template="{question}"))
+    tiny_tokenizer(pad=False, eos=False).save_pretrained(base)
+    with pytest.raises(CausalConfigError, match="neither a pad token nor an EOS"):
+        hf_causal.preflight(good)
