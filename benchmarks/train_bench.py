@@ -42,34 +42,15 @@ from benchmarks.gpu_host import stub_missing_faiss  # noqa: E402
 # FAISS itself, so it is imported before the stub
 stub_missing_faiss(import_first=("transformers.models.rag.modeling_rag",))
 
-
-class ExactIndex:
-    """In-memory exact inner-product index with the LoadedIndex interface both sides search (no FAISS)."""
-
-    def __init__(self, emb: np.ndarray, passages: list[dict]):
-        self.embeddings, self._p = emb.astype(np.float32), passages
-        self.ids = [p["id"] for p in passages]
-        self.manifest, self.path, self.version = {"type": "flat"}, "/memory", "v1"
-
-    def search(self, q: np.ndarray, k: int):
-        scores = q @ self.embeddings.T
-        rows = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, rows, 1), axis=1)
-        rows = np.take_along_axis(rows, order, 1)
-        return np.take_along_axis(scores, rows, 1), rows
-
-    def passage(self, row: int) -> dict:
-        return self._p[int(row)]
+from pipeline.index import ArrayIndex  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- 1. throughput
 def bench_throughput(workers: list[int], steps: int, batch: int, entities: int, total_cpus: int) -> dict:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from benchmarks.common import synthetic_index
-    from jobs.train import train_loop_per_worker
+    from jobs.train import make_torch_trainer
     from pipeline.config import load_config
     from pipeline.models.retriever import TextEncoder
     from pipeline.synthetic import generate_knowledge_base
@@ -88,12 +69,10 @@ def bench_throughput(workers: list[int], steps: int, batch: int, entities: int, 
                                f"train.cpus_per_worker={per}", f"train.torch_threads={per}", "train.eval_every=0",
                                "train.checkpoint_every=0", f"train.log_every={steps}"])
             cfg.output_dir = str(Path(tmp) / f"w{n}")
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={"cfg": cfg.to_dict(), "index_dir": str(index.path), "train_rows": kb.train,
-                                   "dev_rows": [], "tracking_uri": None, "run_id": None, "resume_from": None},
-                scaling_config=ScalingConfig(num_workers=n, resources_per_worker={"CPU": per}),
-                run_config=RunConfig(name=f"bench-w{n}-{int(time.time())}", storage_path=str(Path(tmp) / "ray")))
+            trainer = make_torch_trainer(
+                cfg, {"cfg": cfg.to_dict(), "index_dir": str(index.path), "train_rows": kb.train, "dev_rows": [],
+                      "tracking_uri": None, "run_id": None, "resume_from": None},
+                f"bench-w{n}-{int(time.time())}", Path(tmp) / "ray", use_dev=False)
             t = time.time()
             result = trainer.fit()
             if result.error:
@@ -153,7 +132,8 @@ def bench_vs_hf(batch: int, k: int, repeats: int, d: int, layers: int, heads: in
         texts = [passage_text(x.get("title", ""), x["text"]) for x in kb.passages]
         with torch.no_grad():
             emb = encoder.encode(texts).numpy()
-        index = ExactIndex(emb, kb.passages)
+        index = ArrayIndex(emb, ids=[p["id"] for p in kb.passages], texts=[p["text"] for p in kb.passages],
+                           titles=[p.get("title", "") for p in kb.passages])
 
         # ours
         gen = HFSeq2SeqGenerator("tiny-bart", src_len, tgt_len, model=bart, tokenizer=tok)

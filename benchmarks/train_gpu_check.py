@@ -28,26 +28,17 @@ stub_missing_faiss()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.index import ArrayIndex  # noqa: E402
 
-class MemoryIndex:
-    """Duck-typed LoadedIndex: exact inner-product search in numpy."""
 
-    def __init__(self, n: int, dim: int, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        emb = rng.standard_normal((n, dim)).astype(np.float32)
-        self.embeddings = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-        self.ids = [f"p{i}" for i in range(n)]
-        words = ["alpha", "river", "town", "guild", "north", "stone", "lamp", "green", "harbor", "mill"]
-        self._texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" item{i}" for i in range(n)]
-        self.manifest, self.path, self.version = {"type": "flat"}, "/memory", "v1"
-
-    def search(self, q: np.ndarray, k: int):
-        scores = q @ self.embeddings.T
-        rows = np.argsort(-scores, axis=1)[:, :k]
-        return np.take_along_axis(scores, rows, 1), rows
-
-    def passage(self, row: int) -> dict:
-        return {"title": f"T{row}", "text": self._texts[row]}
+def random_index(n: int, dim: int, seed: int = 0) -> ArrayIndex:
+    """Exact search over n random unit vectors, with short passages of repeated words."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    words = ["alpha", "river", "town", "guild", "north", "stone", "lamp", "green", "harbor", "mill"]
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" item{i}" for i in range(n)]
+    return ArrayIndex(emb / np.linalg.norm(emb, axis=1, keepdims=True), texts=texts,
+                      titles=[f"T{i}" for i in range(n)])
 
 
 def build(kind: str, tok_dir: str, enc_dir: Path, index, device):
@@ -119,7 +110,7 @@ def _ddp_rank(rank, world, port, tok_dir, enc_dir, out, device_type):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     if device_type == "cuda":
         torch.cuda.set_device(0)
-    model = build("hf-bart", tok_dir, Path(enc_dir), MemoryIndex(200, 64), torch.device(device_type))
+    model = build("hf-bart", tok_dir, Path(enc_dir), random_index(200, 64), torch.device(device_type))
     cfg = TrainConfig(batch_size=2, max_steps=3, warmup_steps=0, lr_decay="constant")
     t = RagTrainer(model, build_estimator("rag-sequence", k=3), rows_for(64), cfg, 1e-3, 1e-3, rank=rank,
                    world_size=world)
@@ -161,7 +152,7 @@ def main(argv=None) -> int:
                              intermediate_size=128, hidden_dropout_prob=0.0,
                              attention_probs_dropout_prob=0.0)).save_pretrained(enc_dir)
         tok.save_pretrained(enc_dir)
-        index = MemoryIndex(200, 64)
+        index = random_index(200, 64)
         for kind in () if args.only_ddp else ("copy-bart", "hf-bart"):
             for est in ("rag-sequence", "jsa"):
                 r = {prec: case(kind, est, prec, args.steps, args.tokenizer, enc_dir, index, device)
@@ -186,12 +177,12 @@ def main(argv=None) -> int:
         mp.spawn(_ddp_rank, args=(2, port, args.tokenizer, str(enc_dir), str(out), device.type), nprocs=2,
                  join=True)
         ddp = torch.load(out)
-        model = build("hf-bart", args.tokenizer, enc_dir, MemoryIndex(200, 64), device)
+        model = build("hf-bart", args.tokenizer, enc_dir, random_index(200, 64), device)
         t = RagTrainer(model, build_estimator("rag-sequence", k=3), rows_for(64),
                        TrainConfig(batch_size=4, max_steps=3, warmup_steps=0, lr_decay="constant"), 1e-3, 1e-3)
         for _ in range(3):
             t.step()
-        init = [p.detach().cpu() for p in build("hf-bart", args.tokenizer, enc_dir, MemoryIndex(200, 64),
+        init = [p.detach().cpu() for p in build("hf-bart", args.tokenizer, enc_dir, random_index(200, 64),
                                                  device).parameters()]
         after = [p.detach().cpu() for p in model.parameters()]
         # Adam turns rounding-level gradient differences of near-zero gradients into lr-sized steps, so compare
