@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentrag serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, runs:/<run_id>[/path] or models:/...")
-    p.add_argument("--index", help="serve against this index root or version instead of the checkpoint's")
+    p.add_argument("--index", help="serve against this index root or version instead of the checkpoint's (by "
+                                   "default the checkpoint finds its own, also after its run directory moved)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ checkpoints (default: "
+                                          "MLFLOW_TRACKING_URI), e.g. sqlite:///runs/x/mlflow.db")
     p.add_argument("--host", help="HTTP host (default: the config's, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
     p.add_argument("--config", help=f"Serve config YAML (default: {DEFAULT_CONFIG} when present)")
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         app_args[key] = value
+    if args.tracking_uri:
+        # MLflow reads it from the environment here (resolving the checkpoint) and in the deployments (reloads)
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     app_args["checkpoint"] = _absolute(args.checkpoint)
     if args.index:
         app_args["index"] = _absolute(args.index)
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         # Serve's processes read the throughput settings when Ray starts
         ensure_ray({**{k: v for k, v in cfg.get("env_vars", {}).items() if k != ADMIN_TOKEN_ENV},
-                    **use_serve_throughput_env()})
+                    **use_serve_throughput_env(),
+                    **({"MLFLOW_TRACKING_URI": args.tracking_uri} if args.tracking_uri else {})})
     serve.start(http_options={"host": host, "port": int(port)})
     name = args.name or cfg.get("name") or "latentrag"
     print(f"[serve] {serve_args.checkpoint} -> http://{host}:{port}{cfg.get('route_prefix', '/')}  "

@@ -32,11 +32,11 @@ from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
 from pipeline.data import (DataError, chunk_passages, read_corpus, read_manifest, read_qa, write_json, write_jsonl,
                            write_passages)
-from pipeline.estimators.registry import estimator_help, objective_for
+from pipeline.estimators.registry import STRATEGIES, estimator_help, objective_for, strategy_names
 from pipeline.index import load_index, read_manifest as read_index_manifest
-from pipeline.models.retriever import resolve_encoder_path
+from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
 from pipeline.recipe import Events, TrainRecipe, evaluate_run
-from pipeline.tracking import Tracker, default_tracking_uri
+from pipeline.tracking import Tracker, code_lineage, default_tracking_uri
 
 # Imported where used, because they are heavy (1-3 s each, and `latentrag train --help` should not wait):
 # ray.train, ray.train.torch, and MLflow's Ray integration.
@@ -247,6 +247,45 @@ def plan_resume(output_dir: Path) -> dict:
                       "checkpoint/); run without --resume to start")
 
 
+def finished_run(output_dir: Path) -> str | None:
+    """Why `output_dir` holds a finished run (run.json says so, or there is a metrics.json), else None."""
+    state_file = output_dir / RUN_STATE
+    try:
+        status = json.loads(state_file.read_text()).get("status") if state_file.is_file() else None
+    except (OSError, ValueError):
+        status = None
+    if status == "finished":
+        return f"{state_file} says status finished"
+    if (output_dir / "metrics.json").is_file():
+        return f"{output_dir / 'metrics.json'} exists"
+    return None
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A new run into a finished run's directory would silently replace its checkpoint and metrics: refused
+    (before anything is written) unless --resume (continue it) or --overwrite (replace it) says what is meant."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: choose one (continue the run in OUTPUT_DIR, or replace it)")
+    why = None if resume or overwrite else finished_run(output_dir)
+    if why:
+        raise ConfigError(f"{output_dir} holds a finished run ({why}); pass --resume to continue it (with a larger "
+                          "--max-steps), --overwrite to replace it, or choose another --output-dir")
+
+
+# what --overwrite removes: the previous run's results and Ray Train's copies of its checkpoints (the index,
+# passages and the MLflow store stay: an index is reused by fingerprint, the MLflow history is kept)
+PREVIOUS_RUN = ("checkpoint", "checkpoint.tmp", "metrics.json", "predictions.jsonl", RUN_STATE, "ray_results", "trace")
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    for name in PREVIOUS_RUN:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _write_run_state(output_dir: Path, **state) -> None:
     write_json({"status": "running", **state}, output_dir / RUN_STATE)
 
@@ -293,38 +332,86 @@ def _build_index(cfg: Config, passages_dir, output_dir: Path, tracker) -> Path:
     return index_dir
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:                 # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
 def _keep_checkpoint(result, use_dev: bool, output_dir: Path) -> Path:
-    """The best checkpoint by dev_score (else the last) copied to OUTPUT_DIR/checkpoint, atomically."""
+    """The best checkpoint by dev_score (else the last) as OUTPUT_DIR/checkpoint, atomically. Its files are hard
+    links to Ray Train's copy under ray_results/ (kept there for --resume), so the bytes are stored once: a plain
+    directory still, which eval, serve, MLflow and a copy to elsewhere read like any other. Checkpoint files are
+    never rewritten in place (save_checkpoint writes aside and renames), so the two names cannot diverge."""
     best = result.get_best_checkpoint("dev_score", "max") if use_dev else None
     chosen = best or result.checkpoint
     final_dir, tmp_dir = output_dir / "checkpoint", output_dir / "checkpoint.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     with chosen.as_directory() as d:
-        shutil.copytree(d, tmp_dir)
+        shutil.copytree(d, tmp_dir, copy_function=_link_or_copy)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
     return final_dir
 
 
-def _log_model(tracker, output_dir: Path, final_dir: Path, index) -> None:
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_lineage(cfg: Config, index, final_dir: Path | None = None) -> dict:
+    """What a run was made from: corpus and index (fingerprints, passage count, version), encoders (the one the
+    run started from, and each trained module's weights), the code (package version, git commit when in a
+    repository). Logged as MLflow tags `lineage.*` and under "lineage" in metrics.json."""
+    m = index.manifest
+    out = {"corpus_fingerprint": m.get("corpus_fingerprint"), "passage_count": m.get("count"),
+           "index_version": m.get("version"), "index_type": m.get("type"),
+           "index_embeddings_sha256": m.get("embeddings_sha256"),
+           "index_encoder_fingerprint": m.get("encoder_fingerprint"),
+           "retriever_start_fingerprint": encoder_fingerprint(cfg.retriever.encoder), **code_lineage()}
+    for name in ("query_encoder", "passage_encoder", "posterior_encoder", "generator"):
+        if final_dir is not None and (final_dir / name).is_dir():
+            out[f"{name}_fingerprint"] = encoder_fingerprint(str(final_dir / name))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _log_model(tracker, output_dir: Path, final_dir: Path, index, cfg: Config | None = None) -> str | None:
     """Run files, and `model/`: a checkpoint without trainer state that `runs:/<run_id>/model` serves and
-    evaluates (the index is referenced by rag.json and checked against the logged manifest)."""
+    evaluates. rag.json finds the index after a move (pipeline.checkpoint.resolve_index_dir); an index of at
+    most mlflow.bundle_index_mb travels inside model/index, so a download on another machine finds it too
+    (else model/index holds its manifest only). With mlflow.register_as, model/ becomes a new version of that
+    registered model (and mlflow.register_alias points at it); returns the version."""
     for name in ("config.yaml", "metrics.json", "predictions.jsonl"):
         tracker.log_artifact(output_dir / name)
-    for name in ("generator", "query_encoder", "posterior_encoder", "rag.json", "config.yaml"):
+    for name in ("generator", "query_encoder", "posterior_encoder", "passage_encoder", "rag.json", "config.yaml"):
         if (final_dir / name).exists():
             tracker.log_artifact(final_dir / name, f"model/{name}" if (final_dir / name).is_dir() else "model")
-    tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
+    limit = (cfg.mlflow.bundle_index_mb if cfg is not None else 0) * 2 ** 20
+    if limit and _dir_bytes(Path(index.path)) <= limit:
+        tracker.log_artifact(Path(index.path), "model/index")
+    else:
+        tracker.log_artifact(Path(index.path) / "manifest.json", "model/index")
+    if cfg is not None and cfg.mlflow.register_as:
+        version = tracker.register_model(cfg.mlflow.register_as, "model", alias=cfg.mlflow.register_alias)
+        _log(f"[mlflow] registered model {cfg.mlflow.register_as} version {version}"
+             + (f" (alias {cfg.mlflow.register_alias}: models:/{cfg.mlflow.register_as}@{cfg.mlflow.register_alias})"
+                if cfg.mlflow.register_alias else f" (models:/{cfg.mlflow.register_as}/{version})"))
+        return version
+    return None
 
 
 def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path | None = None,
                  train_rows: list | None = None, dev_rows: list | None = None, eval_rows: list | None = None,
-                 resume: bool = False, tracker=None, index_dir: str | Path | None = None) -> dict:
+                 resume: bool = False, tracker=None, index_dir: str | Path | None = None,
+                 overwrite: bool = False) -> dict:
     """The whole run on a running (or freshly started) Ray. Returns the metrics written to metrics.json.
-    `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps."""
+    `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps. `overwrite`: remove
+    the previous run's results and Ray Train copies first (`clear_previous_run`)."""
     output_dir = Path(output_dir).resolve()
     plan = plan_resume(output_dir) if resume else None       # nothing to resume: refused before any write
+    if overwrite and not resume:
+        clear_previous_run(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
     save_config(cfg, output_dir / "config.yaml")
@@ -357,6 +444,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         # 1. the index: encoded with Ray Data into a FAISS index version
         index = load_index(index_dir or _build_index(cfg, passages_dir, output_dir, tracker))
         _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
+        tracker.set_tags({f"lineage.{k}": v for k, v in run_lineage(cfg, index).items()})
 
         # 2. the untrained start, built as every worker builds it
         start = TrainRecipe(cfg, train_rows).setup(index)
@@ -389,14 +477,21 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         # 4. the trained model
         model, _, meta = load_checkpoint(final_dir)
         final, predictions = evaluate_run(model, eval_rows, cfg)
+        lineage = run_lineage(cfg, index, final_dir)
+        tracker.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
         metrics = {**final, "k": cfg.eval.k, **objective_for(cfg).record(),
                    "index_version": model.index.version, "index_dir": str(model.index.path), "steps": meta["step"],
                    "train_seconds": round(train_seconds, 1), "initial": initial,
-                   "mlflow_run_id": tracker.run_id}
+                   "mlflow_run_id": tracker.run_id, "lineage": lineage}
+        if cfg.mlflow.register_as:
+            metrics["registered_model"] = cfg.mlflow.register_as
         write_json(metrics, output_dir / "metrics.json")
         write_jsonl(predictions, output_dir / "predictions.jsonl")
         tracker.log_metrics({k: v for k, v in final.items() if v is not None})
-        _log_model(tracker, output_dir, final_dir, index)
+        version = _log_model(tracker, output_dir, final_dir, index, cfg)
+        if version is not None:
+            metrics["registered_version"] = version
+            write_json(metrics, output_dir / "metrics.json")
         _log("[eval] trained:   " + format_metrics(final))
         run_state("finished")
         if own_tracker:
@@ -448,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-qa", help="held-out questions for the final (and untrained) evaluation")
     p.add_argument("--dev-qa", help="questions for periodic evaluation during training (train.eval_every)")
     p.add_argument("--estimator", help=estimator_help())
+    p.add_argument("--strategy", choices=strategy_names(), metavar="{" + ",".join(strategy_names()) + "}",
+                   help="how the estimator is trained (overrides train.strategy): "
+                        + "; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
     p.add_argument("--output-dir", help="where checkpoints, metrics.json and the MLflow database go")
     p.add_argument("--config", help="YAML config (see configs/demo.yaml); flags and --set override it")
@@ -457,6 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT_DIR from its newest checkpoint (after Ctrl-C, a killed driver or "
                         "a finished run with a larger --max-steps) up to train.max_steps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in OUTPUT_DIR (its checkpoint, metrics and ray_results/; the index "
+                        "and the MLflow store stay); without it, or --resume, such a directory is refused")
+    p.add_argument("--register", metavar="NAME",
+                   help="register the run's MLflow model/ as a new version of NAME (overrides mlflow.register_as)")
+    p.add_argument("--alias", metavar="ALIAS",
+                   help="with --register: point ALIAS at the new version (serve models:/NAME@ALIAS)")
     return p
 
 
@@ -465,7 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir or "OUTPUT_DIR")
     try:
         overrides = list(args.set)
-        for flag, key in ((args.estimator, "train.estimator"), (args.max_steps, "train.max_steps"),
+        if args.alias and not args.register:
+            raise ConfigError("--alias needs --register NAME")
+        for flag, key in ((args.estimator, "train.estimator"), (args.strategy, "train.strategy"),
+                          (args.register, "mlflow.register_as"), (args.alias, "mlflow.register_alias"),
+                          (args.max_steps, "train.max_steps"),
                           (args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"),
                           (args.eval_qa, "data.eval_qa"), (args.dev_qa, "data.dev_qa"),
                           (args.output_dir, "output_dir")):
@@ -478,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = Path(cfg.output_dir)
         # everything below up to run_training only reads: a refused setting leaves no output behind
         check_model_paths(cfg)
+        check_output_dir(output_dir.resolve(), args.resume, args.overwrite)
         if args.resume:
             plan_resume(output_dir.resolve())
         train_rows = read_qa(cfg.data.train_qa)
@@ -492,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows is not None:
             passages = write_passage_rows(rows, output_dir)
         metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,
-                               index_dir=args.index)
+                               index_dir=args.index, overwrite=args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -197,6 +197,9 @@ class MlflowConfig:
     tracking_uri: str | None = None    # None = MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "latentrag"
     run_name: str | None = None
+    register_as: str | None = None     # register the run's model/ as a new version of this registered model
+    register_alias: str | None = None  # ... and point this alias at it (serve models:/NAME@ALIAS)
+    bundle_index_mb: float = 64.0      # model/ carries a copy of the index when it is at most this large (0 = never)
 
 
 @dataclass

@@ -3,11 +3,17 @@ workers never inherit a half-configured MLflow state from the driver."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_tracking_uri(output_dir: str | Path, configured: str | None = None) -> str:
@@ -66,6 +72,50 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def set_tags(self, tags: dict) -> None:
+        items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
+
+    def register_model(self, name: str, artifact_path: str = "model", alias: str | None = None) -> str:
+        """Register `runs:/<run>/<artifact_path>` as a new version of model `name` (created if new); point
+        `alias` at it. Returns the version."""
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        mv = self.client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
+        if alias:
+            self.client.set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version)
+
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status)
+
+
+# ------------------------------------------------------------------------------------------------ lineage
+def package_version() -> str | None:
+    try:
+        return metadata.version("latentrag")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(where: str | Path = PROJECT_ROOT, timeout: float = 5.0) -> str | None:
+    """HEAD of the repository the code runs from; None outside a git checkout (an installed package, a Ray
+    working_dir upload without .git) or when git is missing or slow."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(where), capture_output=True, text=True,
+                             timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def code_lineage() -> dict:
+    """What code produced a run: the package version and, in a git checkout, the commit."""
+    return {k: v for k, v in (("package_version", package_version()), ("git_commit", git_commit()))
+            if v is not None}

@@ -46,7 +46,8 @@ from ray.serve.handle import DeploymentHandle
 from serving import errors
 from serving.batching import (Answer, AnswerItem, Coalescer, ItemError, Retrieved, RetrieveItem, batch_stats, logger,
                               run_each)
-from serving.loading import ModelRef, ServingLoadError, load_generator_part, load_retriever_part, resolve_model_ref
+from serving.loading import (ModelRef, ServingLoadError, app_defaults, load_generator_part, load_retriever_part,
+                             request_defaults, resolve_model_ref)
 from serving.schemas import (AnswerRequest, AnswerResponse, HealthResponse, Passage, ReloadRequest, ReloadResponse,
                              RetrieveRequest, RetrieveResponse, ServeArgs)
 
@@ -489,6 +490,7 @@ class Ingress:
 
     def _item(self, ref: ModelRef, req: AnswerRequest, k: int, rid: str,
               retrieved: Retrieved | None = None) -> AnswerItem:
+        req = request_defaults(req, ref)           # unset mode / num_beams: as the checkpoint was evaluated
         return AnswerItem(self._ref_dict(ref), req.question, req.mode, k, req.num_beams, req.max_new_tokens, rid,
                           retrieved)
 
@@ -534,6 +536,7 @@ class Ingress:
         k = self._k(req.k)
         rid = errors.request_id(request)
         ref = self.active                       # this request stays on this version to the end
+        req = request_defaults(req, ref)
         try:
             out = await self.generator.answer.remote(self._item(ref, req, k, rid))
         except Exception as exc:  # noqa: BLE001
@@ -552,6 +555,7 @@ class Ingress:
         k = self._k(req.k)
         rid = errors.request_id(request)
         ref = self.active
+        req = request_defaults(req, ref)
         retrieved = await self._retrieve(ref, req.question, k, rid)
         item = self._item(ref, req, k, rid, retrieved)
 
@@ -623,8 +627,9 @@ def build_app(args: ServeArgs | Dict[str, Any], deployments: dict[str, dict] | N
     except OSError as exc:
         raise ValueError(f"cannot read admin_token_file: {exc}") from exc
     # the deployments get the token's hash only
+    # default_k / decode not given: the checkpoint's eval settings (train-serve parity)
     dep_args = a.model_copy(update={"admin_token": None, "admin_token_file": None,
-                                    "admin_token_sha256": digest}).model_dump()
+                                    "admin_token_sha256": digest, **app_defaults(a, ref)}).model_dump()
     retriever = Retriever.options(**opts.get("Retriever", {})).bind(ref.to_dict(), dep_args)
     generator = Generator.options(**opts.get("Generator", {})).bind(retriever, ref.to_dict(), dep_args)
     return Ingress.options(**opts.get("Ingress", {})).bind(retriever, generator, ref.to_dict(), dep_args)

@@ -2,11 +2,17 @@
 values naming one model version and one index version, which deployments load (and cache) by its `key`.
 
 MLflow URIs (`runs:/<run_id>[/path]`, `models:/<name>/<version>` or `models:/<name>@<alias>`) are downloaded with
-`mlflow.artifacts.download_artifacts`. The train job logs `config.yaml`, `model/generator`, `model/query_encoder` and
-`model/index/manifest.json`; that rebuilds a checkpoint except for `rag.json` (derived here from config.yaml and the
-logged manifest) and the index files themselves, which are not logged: they are looked up at
-`<config output_dir>/index/<version>` (the train job's own index) unless an `index` is given, and refused if their
-manifest does not match the logged one.
+`mlflow.artifacts.download_artifacts` from the tracking URI the process has (MLFLOW_TRACKING_URI, or
+`latentrag serve --tracking-uri`). The train job logs `model/`: a checkpoint without trainer state (rag.json,
+config.yaml, the encoders, the generator) and `model/index/` (the whole index version when it is small, else its
+manifest). Its index is found the way every checkpoint finds it (`pipeline.checkpoint.resolve_index_dir`: relative
+to the run directory, bundled, absolute; fingerprint checked), unless an `index` is given. Runs logged before
+model/ held rag.json are rebuilt into a checkpoint here (rag.json derived from config.yaml and the logged manifest;
+the index looked up at `<config output_dir>/index/<version>`).
+
+What was evaluated is what is served: the trained passage encoder and its re-rank depth (`index.rerank_top_m`)
+when the checkpoint has one, tau, and the checkpoint's eval settings (eval.k, eval.decode, eval.num_beams, the
+estimator's decoder) as the defaults of requests and of the application args that were not given.
 """
 from __future__ import annotations
 
@@ -37,6 +43,12 @@ class ModelRef:
     estimator: str | None = None
     tau: float = 0.05
     index_count: int = 0
+    # what the checkpoint was evaluated with (its config.yaml): the serving defaults
+    rerank_top_m: int = 0       # > 0 with a trained passage encoder: re-rank the index's top-M with it
+    eval_k: int | None = None
+    decode: str | None = None
+    num_beams: int | None = None
+    decoder: str | None = None  # rag-sequence | rag-token: the estimator's decoder, the default request mode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +71,14 @@ def is_mlflow_uri(source: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
+def tracking_hint() -> str:
+    import mlflow
+
+    return (f"tracking URI asked: {mlflow.get_tracking_uri()}; set MLFLOW_TRACKING_URI (or `latentrag serve "
+            "--tracking-uri URI`) to the store that holds the run (`latentrag train` uses "
+            "sqlite:///OUTPUT_DIR/mlflow.db)")
+
+
 def _run_id_of_model_uri(uri: str) -> str | None:
     from mlflow.tracking import MlflowClient
 
@@ -84,8 +104,9 @@ def _check_tracking_store() -> None:
     local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else \
         (uri[len("file://"):] if uri.startswith("file://") else (uri if "://" not in uri else None))
     if local and not Path(local).exists():
-        raise ServingLoadError(f"the MLflow tracking store {uri} does not exist; set MLFLOW_TRACKING_URI to the "
-                               "store that holds the run (`latentrag train` uses sqlite:///OUTPUT_DIR/mlflow.db)")
+        raise ServingLoadError(f"the MLflow tracking store {uri} does not exist; set MLFLOW_TRACKING_URI (or "
+                               "`latentrag serve --tracking-uri URI`) to the store that holds the run "
+                               "(`latentrag train` uses sqlite:///OUTPUT_DIR/mlflow.db)")
 
 
 def download_mlflow_checkpoint(uri: str, dst: str | Path) -> Path:
@@ -105,10 +126,13 @@ def download_mlflow_checkpoint(uri: str, dst: str | Path) -> Path:
         else:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst / "artifacts")))
     except Exception as exc:  # MlflowException and friends: unknown run, model, alias, unreachable server
-        raise ServingLoadError(f"cannot download {uri}: {exc}") from exc
-    if (local / "rag.json").is_file():                    # a whole checkpoint directory was logged
+        raise ServingLoadError(f"cannot download {uri}: {str(exc).splitlines()[0] if str(exc) else exc!r} "
+                               f"({tracking_hint()})") from exc
+    if (local / "rag.json").is_file():                    # model/ (or a whole checkpoint directory) was logged
         return local
     model_dir = local / "model" if (local / "model").is_dir() else local
+    if (model_dir / "rag.json").is_file():                # runs:/<run_id>: the run's model/
+        return model_dir
     config_file = next((p for p in (local / "config.yaml", model_dir / "config.yaml") if p.is_file()), None)
     if config_file is None and uri.startswith("models:/"):
         run_id = _run_id_of_model_uri(uri)
@@ -175,8 +199,26 @@ def resolve_model_ref(source: str, index: str | None = None, download_dir: str |
         raise
 
 
+def _checkpoint_settings(ckpt: Path, has_passage_encoder: bool) -> dict:
+    """The ModelRef fields that come from the checkpoint's config.yaml: what it was evaluated with."""
+    import yaml
+
+    from pipeline.evaluation import decoder_for
+
+    cfg_file = ckpt / "config.yaml"
+    cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
+    ev, train, idx = cfg.get("eval") or {}, cfg.get("train") or {}, cfg.get("index") or {}
+    out = {"eval_k": ev.get("k"), "decode": ev.get("decode"), "num_beams": ev.get("num_beams"),
+           "rerank_top_m": int(idx.get("rerank_top_m") or 0) if has_passage_encoder else 0}
+    try:
+        out["decoder"] = decoder_for(train["estimator"]) if train.get("estimator") else None
+    except ValueError:                     # an estimator this installation does not know: no default mode
+        out["decoder"] = None
+    return out
+
+
 def _resolve(source: str, index: str | None, downloaded: Path | None) -> ModelRef:
-    from pipeline.checkpoint import read_checkpoint_meta
+    from pipeline.checkpoint import read_checkpoint_meta, resolve_index_dir
     from pipeline.index import read_manifest, resolve_version_dir
 
     try:
@@ -184,11 +226,13 @@ def _resolve(source: str, index: str | None, downloaded: Path | None) -> ModelRe
         if not ckpt.is_dir():
             raise ServingLoadError(f"checkpoint {source!r} is not a directory")
         meta = read_checkpoint_meta(ckpt)
-        index_source = index or meta.get("index_dir")
-        if not index_source:
+        if index:
+            version_dir = resolve_version_dir(index)
+        elif meta.get("index_ref") or meta.get("index_dir"):
+            version_dir = resolve_index_dir(ckpt, meta)   # also after the run directory moved
+        else:
             raise ServingLoadError(f"{source}: the checkpoint names no index that exists here; pass an index "
                                    "(latentrag serve --index DIR, or index=DIR)")
-        version_dir = resolve_version_dir(index_source)
         manifest = read_manifest(version_dir)
     except ServingLoadError:
         raise
@@ -208,19 +252,49 @@ def _resolve(source: str, index: str | None, downloaded: Path | None) -> ModelRe
     return ModelRef(key=f"{model_version}|{version_dir}", checkpoint=str(ckpt.resolve()), index_dir=str(version_dir),
                     model_version=model_version, index_version=str(manifest.get("version")), source=source,
                     index_source=index, step=meta.get("step"), estimator=meta.get("estimator"),
-                    tau=float(meta.get("tau", 0.05)), index_count=int(manifest.get("count", 0)))
+                    tau=float(meta.get("tau", 0.05)), index_count=int(manifest.get("count", 0)),
+                    **_checkpoint_settings(ckpt, (ckpt / "passage_encoder").is_dir()))
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+def app_defaults(args, ref: ModelRef) -> dict:
+    """Application args the user did not give (`args.model_fields_set`), taken from what the checkpoint was
+    evaluated with: default_k (eval.k, within max_k) and decode (eval.decode)."""
+    given = args.model_fields_set
+    out = {}
+    if "default_k" not in given and ref.eval_k:
+        out["default_k"] = max(1, min(int(ref.eval_k), args.max_k))
+    if "decode" not in given and ref.decode in ("fast", "thorough"):
+        out["decode"] = ref.decode
+    return out
+
+
+def request_defaults(req, ref: ModelRef):
+    """An answer request with the fields it did not give (mode, num_beams) from the checkpoint: the estimator's
+    decoder and eval.num_beams, as `latentrag eval` decodes."""
+    given = req.model_fields_set
+    update = {}
+    if "mode" not in given and ref.decoder in ("rag-sequence", "rag-token"):
+        update["mode"] = ref.decoder
+    if "num_beams" not in given and ref.num_beams:
+        update["num_beams"] = int(ref.num_beams)
+    return req.model_copy(update=update) if update else req
 
 
 # ------------------------------------------------------------------------------------------------ loading parts
 def load_retriever_part(ref: ModelRef):
-    """RagModel with the query encoder and the index only (the Retriever deployment's share)."""
+    """RagModel with the query encoder, the trained passage encoder and its re-rank depth when the checkpoint has
+    one (scores and order as in evaluation), and the index (the Retriever deployment's share)."""
     from pipeline.index import load_index
     from pipeline.models.retriever import load_encoder
     from pipeline.rag import RagModel
 
     index = load_index(ref.index_dir)
     encoder = load_encoder(Path(ref.checkpoint) / "query_encoder")
-    return RagModel(encoder, None, index, tau=ref.tau).eval()
+    passage_dir = Path(ref.checkpoint) / "passage_encoder"
+    passage = load_encoder(passage_dir) if passage_dir.is_dir() else None
+    return RagModel(encoder, None, index, tau=ref.tau, passage_encoder=passage,
+                    rerank_top_m=ref.rerank_top_m if passage is not None else 0).eval()
 
 
 def load_generator_part(ref: ModelRef):
