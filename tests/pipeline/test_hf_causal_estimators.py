@@ -4,49 +4,16 @@ estimator's loss backpropagates into the adapters and the retriever, finite diff
 import numpy as np
 import pytest
 import torch
-from test_hf_causal_helpers import FAMILIES, lora_settings, tiny_generator
-from torch import nn
+from test_hf_causal_helpers import ANSWERS, FAMILIES, QUESTIONS, TEXTS, TITLES, causal_rag
 
 from pipeline.config import EstimatorConfig, TrainConfig
 from pipeline.decoding import beam_search, rag_sequence_decode, rag_token_decode
 from pipeline.estimators import REGISTRY, build_estimator
 from pipeline.estimators import registry as est_registry
-from pipeline.index import ArrayIndex, passage_text
-from pipeline.rag import POSTERIOR_SEP, RagModel
+from pipeline.index import passage_text
 from pipeline.training import RagTrainer
 
-TITLES = ["Varnel Ostrik", "Varnel Ostrik", "Kela Dorn", "Kela Dorn", "Tamsin Vey"]
-TEXTS = ["Varnel Ostrik was born in the town of Meridale.", "Varnel Ostrik worked for the Quendle Guild.",
-         "Kela Dorn plays the zumbrel at festivals.", "Kela Dorn grew up beside the river Ashvane.",
-         "Tamsin Vey sails a boat called the Gullwing, " * 3]
-QUESTIONS = ["Where was Varnel Ostrik born?", "What does Kela Dorn play at the festivals of the town?"]
-ANSWERS = ["Meridale", "the zumbrel"]
 K = 3
-
-
-class TableEncoder(nn.Module):
-    """A question (or "question [SEP] answer") -> its row of a trainable table: a differentiable query encoder."""
-
-    def __init__(self, questions, dim=8, seed=0, dtype=torch.float32):
-        super().__init__()
-        self.rows = {q: i for i, q in enumerate(questions)}
-        g = torch.Generator().manual_seed(seed)
-        self.table = nn.Parameter(torch.randn(len(questions), dim, generator=g, dtype=dtype))
-
-    def forward(self, texts):
-        return self.table[[self.rows[t.split(POSTERIOR_SEP)[0]] for t in texts]]
-
-
-def causal_rag(family="llama", lora=True, seed=0, dtype=torch.float32):
-    settings = lora_settings(target_modules=["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"])
-    gen = tiny_generator(family, seed=seed, lora=settings if lora else None, max_source_length=48)
-    gen = gen.to(dtype)
-    emb = np.random.default_rng(seed).standard_normal((len(TEXTS), 8)).astype(np.float32)
-    index = ArrayIndex(emb, texts=TEXTS, titles=TITLES)
-    model = RagModel(TableEncoder(QUESTIONS, dtype=dtype), gen, index, tau=1.0)
-    model.posterior_encoder = TableEncoder(QUESTIONS, seed=1, dtype=dtype)
-    return model
-
 
 def direct_loglik(gen, question, passage, answer):
     """[T] log p(y_t | prompt, y_<t) from one plain forward over this one pair, no padding."""
