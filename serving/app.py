@@ -37,13 +37,14 @@ from typing import Any, AsyncIterator, Dict
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from serving import errors
+from serving import openai as oai
 from serving.batching import (Answer, AnswerItem, Coalescer, ItemError, Retrieved, RetrieveItem, batch_stats, logger,
                               run_each)
 from serving.loading import (ModelRef, ServingLoadError, app_defaults, load_generator_part, load_retriever_part,
@@ -234,7 +235,20 @@ def _text_pieces(gen, ids_stream):
 
 
 def _pieces(gen, answer: str):
-    """The pieces of an already decoded answer, token by token."""
+    """The pieces of an already decoded answer, token by token. They are cut at the tokens' character offsets so
+    that they join up to the answer exactly: decoding a re-tokenised answer need not give it back ("##trik" ->
+    "# # trik" with WordPiece)."""
+    try:
+        offsets = gen.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):     # slow tokenizers have no offsets
+        offsets = None
+    if offsets:
+        start = 0
+        for end in sorted({e for _, e in offsets if 0 < e < len(answer)}) + [len(answer)]:
+            if end > start:
+                yield answer[start:end]
+                start = end
+        return
     ids = gen.tokenizer(answer, add_special_tokens=False)["input_ids"]
     yield from _text_pieces(gen, (ids[:n] for n in range(1, len(ids) + 1)))
 
@@ -374,6 +388,7 @@ api = FastAPI(
     docs_url=None, redoc_url=None,
 )
 errors.install(api)
+oai.install(api)         # OpenAI's error shape on /v1/chat/completions and /v1/models
 
 
 def _passages(retrieved: Retrieved, posterior: list | None = None) -> list[Passage]:
@@ -419,6 +434,12 @@ def token_sha256(args: ServeArgs) -> str | None:
 
 def _log_failure(rid: str, what: str) -> None:
     logger.exception("request %s: %s failed", rid, what)
+
+
+# The web page at `/` (serving/page/, shipped as package data: no build step, nothing fetched from elsewhere).
+PAGE_DIR = Path(__file__).with_name("page")
+PAGE_FILES = {"app.js": "text/javascript; charset=utf-8"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # Everything the Ingress's routes use is defined above it: serve.ingress freezes a copy of the FastAPI app, with the
@@ -567,6 +588,57 @@ class Ingress:
         events = self.generator.options(stream=True).stream.remote(item)
         return StreamingResponse(sse_events(events, done, rid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- OpenAI-compatible routes (serving/openai.py: schemas, translation, chunks, error shape)
+    @api.post("/v1/chat/completions", response_model=None,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "a chat.completion (JSON), or with stream=true chat.completion.chunk "
+                                              "events ending with `data: [DONE]`; passages in the `latentrag` "
+                                              "field (of the final chunk when streamed)"},
+                         400: {"description": "OpenAI error shape {error: {message, type, param, code}}"},
+                         404: {"description": "unknown model (code model_not_found)"}})
+    async def chat_completions(self, req: oai.ChatCompletionRequest, request: Request):
+        """OpenAI chat completions: the last user message is the question; RAG settings in `latentrag`."""
+        rid = errors.request_id(request)
+        ref = self.active
+        oai.check_model(req.model, self.args.model_name, ref.model_version)
+        areq, ignored = oai.to_answer_request(req)
+        k = self._k(areq.k)
+        if req.stream:
+            retrieved = await self._retrieve(ref, areq.question, k, rid)
+            events = self.generator.options(stream=True).stream.remote(self._item(ref, areq, k, rid, retrieved))
+            final = lambda out: oai.extension(areq, ref, out, retrieved, ignored, rid)       # noqa: E731
+            return StreamingResponse(oai.chunks(events, req.model, final, rid, _log_failure),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            out = await self.generator.answer.remote(self._item(ref, areq, k, rid))
+        except Exception as exc:  # noqa: BLE001
+            raise self._handle_error(exc, rid, "generation") from None
+        if isinstance(out, ItemError):
+            raise self._failed(out, rid)
+        return oai.chat_completion(req.model, out.answer,
+                                   oai.extension(areq, ref, out, out.retrieved, ignored, rid), rid)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        """The served model (OpenAI's model list), with its model and index versions under `latentrag`."""
+        return oai.models_list(self.args.model_name, self.active, oai.created_at(self.active))
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> dict:
+        oai.check_model(model, self.args.model_name, self.active.model_version)
+        return oai.model_card(self.args.model_name, self.active, oai.created_at(self.active))
+
+    # ---- the web page
+    @api.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse((PAGE_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @api.get("/page/{name}", include_in_schema=False)
+    async def page_file(self, name: str) -> Response:
+        if name not in PAGE_FILES:                 # a fixed list: no paths from the request reach the filesystem
+            raise HTTPException(404, "not found")
+        return Response((PAGE_DIR / name).read_bytes(), media_type=PAGE_FILES[name], headers={"Cache-Control": "no-cache"})
 
     def _check_admin(self, authorization: str | None) -> None:
         expected = self.args.admin_token_sha256

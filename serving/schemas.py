@@ -146,6 +146,8 @@ class ServeArgs(BaseModel):
     generator_threads: int = Field(2, ge=1, description="torch threads in a Generator replica")
     retriever_threads: int = Field(1, ge=1, description="torch threads in a Retriever replica")
     keep_versions: int = Field(2, ge=1, description="model versions a replica keeps loaded (reloads need >= 2)")
+    model_name: str = Field("latentrag", min_length=1, description="the model id of the OpenAI-compatible routes "
+                                                                    "(GET /v1/models; `model` of chat requests)")
 
     @model_validator(mode="after")
     def _default_k_within_max_k(self):
