@@ -24,8 +24,12 @@ def _jsonl(path, rows):
 
 
 @pytest.mark.ray
-def test_train_then_eval_a_lora_causal_generator_through_the_cli(ray_local, tmp_path):
+def test_train_then_eval_a_lora_causal_generator_through_the_cli(ray_local, tmp_path, monkeypatch):
+    import torch
+
     from jobs import cli
+    from pipeline.models.generator import load_generator
+    from serving.loading import load_generator_part, resolve_model_ref
 
     base = save_tiny_base(tmp_path / "tiny-qwen2", "qwen2", pad=False)
     corpus = _jsonl(tmp_path / "corpus.jsonl", PASSAGES)
@@ -58,3 +62,17 @@ def test_train_then_eval_a_lora_causal_generator_through_the_cli(ray_local, tmp_
         return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
 
     assert answers(ev / "predictions.jsonl") == answers(out / "predictions.jsonl")
+
+    # MLflow's model/ (what `latentrag serve --checkpoint runs:/<id>/model` loads): base + the trained adapter
+    run = json.loads((out / "run.json").read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run["tracking_uri"])
+    served = load_generator_part(resolve_model_ref(f"runs:/{run['mlflow_run_id']}/model",
+                                                   download_dir=str(tmp_path / "dl")))
+    local = load_generator(gen_dir).eval()
+    inputs = local.encode_inputs([q for q, _, _ in QA], [p["text"] for p in PASSAGES[:4]])
+    labels, _ = local.encode_targets([a for _, a, _ in QA])
+    with torch.no_grad():
+        trained = local.token_logprobs(inputs, labels)
+        assert torch.equal(served.token_logprobs(inputs, labels), trained)
+        with local.model.disable_adapter():                              # the adapter did learn something
+            assert not torch.allclose(local.token_logprobs(inputs, labels), trained, atol=1e-4)
