@@ -9,6 +9,12 @@ Load is bounded: every client sends `--requests-per-client` requests back to bac
 sends clients x requests in all. Prints a table and writes benchmarks/results/serve_bench.json.
 Target (DESIGN.md): batched >= 4x the throughput of max_batch_size=1 at 32 clients, zero errors.
 
+The OpenAI-compatible route: with the batched configuration every client level also runs `POST
+/v1/chat/completions` (the same question as the last user message, the same mode, k and beams through the
+`latentrag` extension field, passages left out as for /v1/answer), right after the /v1/answer level, and the
+table shows its requests/s against /v1/answer's. Target (issue 20): within 10% of /v1/answer at 32 clients, zero
+errors. `--routes answer` skips it.
+
 The Hugging Face baseline is built from configs at the served model's sizes (a DPR question encoder shaped like the
 served query encoder, the served BART's config and weights as the RAG generator; no downloads) and runs in this
 process before Ray starts, one request after another: question encoding, the same FAISS index search, then
@@ -192,7 +198,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_level(url: str, questions: list[str], clients: int, per_client: int, body: dict) -> dict:
+def openai_body(body: dict, question: str) -> dict:
+    """The chat-completions request equal to an /v1/answer body."""
+    ext = {key: body[key] for key in ("mode", "k", "num_beams", "return_passages") if key in body}
+    return {"model": "latentrag", "messages": [{"role": "user", "content": question}], "latentrag": ext}
+
+
+def run_level(url: str, questions: list[str], clients: int, per_client: int, body: dict,
+              route: str = "answer") -> dict:
     import requests
 
     latencies: list[float] = []
@@ -207,7 +220,8 @@ def run_level(url: str, questions: list[str], clients: int, per_client: int, bod
             q = questions[(i * per_client + n) % len(questions)]
             t = time.perf_counter()
             try:
-                r = s.post(url, json={**body, "question": q}, timeout=300)
+                r = s.post(url, json=openai_body(body, q) if route == "openai" else {**body, "question": q},
+                           timeout=300)
                 ok = r.status_code == 200
                 err = None if ok else f"{r.status_code}: {r.text[:120]}"
             except Exception as exc:  # noqa: BLE001 - every failure counts
@@ -229,7 +243,7 @@ def run_level(url: str, questions: list[str], clients: int, per_client: int, bod
     def pct(p):
         return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
 
-    return {"clients": clients, "requests": clients * per_client, "ok": len(lat), "errors": len(errors),
+    return {"route": route, "clients": clients, "requests": clients * per_client, "ok": len(lat), "errors": len(errors),
             "error_samples": errors[:3], "wall_s": round(wall, 3), "req_per_s": round(len(lat) / wall, 2),
             "p50_ms": round(pct(50) * 1000, 1), "p99_ms": round(pct(99) * 1000, 1),
             "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None}
@@ -258,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--serve-env", default="throughput", choices=["throughput", "default"],
                    help="throughput: Ray started with serving.app.SERVE_THROUGHPUT_ENV (as `latentrag serve` does); "
                         "default: Ray Serve's defaults")
+    p.add_argument("--routes", nargs="+", default=["answer", "openai"], choices=["answer", "openai"],
+                   help="answer: POST /v1/answer; openai: POST /v1/chat/completions as well (batched "
+                        "configuration only)")
     p.add_argument("--hf-requests", type=int, default=32,
                    help="requests for the Hugging Face RagSequenceForGeneration baseline (0: skip it)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serve_bench.json"))
@@ -297,10 +314,11 @@ def main(argv=None) -> int:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/v1/answer"
+    urls = {"answer": f"http://127.0.0.1:{port}/v1/answer", "openai": f"http://127.0.0.1:{port}/v1/chat/completions"}
     body = {"mode": args.mode, "k": args.k, "num_beams": args.num_beams, "return_passages": False}
     zero = {"ray_actor_options": {"num_cpus": 0}}
     rows = []
+    batched, single = max(args.batch_sizes), min(args.batch_sizes)
     try:
         for mbs in args.batch_sizes:
             app_args = {"checkpoint": args.checkpoint, "index": args.index, "max_batch_size": mbs,
@@ -315,40 +333,49 @@ def main(argv=None) -> int:
             t = time.time()
             serve.run(build_app(app_args, opts), name="bench", route_prefix="/")
             print(f"[bench] max_batch_size={mbs}: deployed in {time.time() - t:.1f}s", flush=True)
-            run_level(url, questions, min(8, max(args.clients)), 2, body)                       # warm-up
+            # the OpenAI route with the batched configuration, each level right after /v1/answer's
+            routes = [rt for rt in ("answer", "openai") if rt in args.routes and (rt == "answer" or mbs == batched)]
+            for rt in routes:
+                run_level(urls[rt], questions, min(8, max(args.clients)), 2, body, rt)            # warm-up
             info_url = f"http://127.0.0.1:{port}/v1/info"
             for c in args.clients:
-                before_all = requests.get(info_url, timeout=30).json()["batching"]
-                cpu0 = cpu_by_process()
-                r = run_level(url, questions, c, args.requests_per_client, body)
-                cpu1 = cpu_by_process()
-                after_all = requests.get(info_url, timeout=30).json()["batching"]
-                r["cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, r["ok"] + r["errors"])
-                r["generator_mean_batch_size"] = _mean_batch(before_all, after_all, "generator_replica")
-                r["retriever_mean_batch_size"] = _mean_batch(before_all, after_all, "retriever_replica")
-                r["max_batch_size"] = mbs
-                rows.append(r)
-                print(f"[bench]   clients={c:>3}  {r['req_per_s']:>7.2f} req/s  p50 {r['p50_ms']:>8.1f} ms  "
-                      f"p99 {r['p99_ms']:>8.1f} ms  errors {r['errors']}  "
-                      f"mean batch: retriever {r['retriever_mean_batch_size']} generator "
-                      f"{r['generator_mean_batch_size']}", flush=True)
-                print(f"[bench]     CPU ms per request: {r['cpu_ms_per_request']}", flush=True)
+                for rt in routes:
+                    before_all = requests.get(info_url, timeout=30).json()["batching"]
+                    cpu0 = cpu_by_process()
+                    r = run_level(urls[rt], questions, c, args.requests_per_client, body, rt)
+                    cpu1 = cpu_by_process()
+                    after_all = requests.get(info_url, timeout=30).json()["batching"]
+                    r["cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, r["ok"] + r["errors"])
+                    r["generator_mean_batch_size"] = _mean_batch(before_all, after_all, "generator_replica")
+                    r["retriever_mean_batch_size"] = _mean_batch(before_all, after_all, "retriever_replica")
+                    r["max_batch_size"] = mbs
+                    rows.append(r)
+                    print(f"[bench]   {rt:>6} clients={c:>3}  {r['req_per_s']:>7.2f} req/s  p50 {r['p50_ms']:>8.1f} "
+                          f"ms  p99 {r['p99_ms']:>8.1f} ms  errors {r['errors']}  "
+                          f"mean batch: retriever {r['retriever_mean_batch_size']} generator "
+                          f"{r['generator_mean_batch_size']}", flush=True)
+                    print(f"[bench]     CPU ms per request: {r['cpu_ms_per_request']}", flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    by = {(r["max_batch_size"], r["clients"]): r for r in rows}
-    batched, single = max(args.batch_sizes), min(args.batch_sizes)
+    by = {(r["max_batch_size"], r["clients"]): r for r in rows if r["route"] == "answer"}
+    by_openai = {r["clients"]: r for r in rows if r["route"] == "openai"}
     speedups = {c: round(by[(batched, c)]["req_per_s"] / by[(single, c)]["req_per_s"], 2)
                 for c in args.clients if (batched, c) in by and (single, c) in by and by[(single, c)]["req_per_s"]}
     print()
-    print(f"{'max_batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'errors':>6} {'gen batch':>9}")
+    print(f"{'route':>6} {'max_batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'errors':>6} "
+          f"{'gen batch':>9}")
     for r in rows:
-        print(f"{r['max_batch_size']:>9} {r['clients']:>7} {r['req_per_s']:>8.2f} {r['p50_ms']:>9.1f} "
+        print(f"{r['route']:>6} {r['max_batch_size']:>9} {r['clients']:>7} {r['req_per_s']:>8.2f} {r['p50_ms']:>9.1f} "
               f"{r['p99_ms']:>9.1f} {r['errors']:>6} {r['generator_mean_batch_size'] or 0:>9.2f}")
     for c, s in speedups.items():
         print(f"throughput batched/one-at-a-time at {c} clients: {s}x")
+    openai_ratio = {c: round(by_openai[c]["req_per_s"] / by[(batched, c)]["req_per_s"], 3) for c in args.clients
+                    if c in by_openai and (batched, c) in by and by[(batched, c)]["req_per_s"]}
+    for c, s in openai_ratio.items():
+        print(f"throughput /v1/chat/completions / /v1/answer at {c} clients: {s}x")
     over_hf = {}
     if hf:
         print(f"{'HF':>9} {1:>7} {hf['req_per_s']:>8.2f} {hf['p50_ms']:>9.1f} {hf['p99_ms']:>9.1f} {0:>6}"
@@ -382,7 +409,10 @@ def main(argv=None) -> int:
            "hf_rag_sequence_generate": hf, "speedup_over_hf_at_clients": over_hf,
            "target": "batched >= 4x one-at-a-time at 32 clients, zero errors",
            "target_met": bool(speedups.get(32, 0) >= 4 and total_errors == 0) if 32 in speedups else None,
-           "target_met_over_hf": bool(over_hf.get(32, 0) >= 4 and total_errors == 0) if 32 in over_hf else None}
+           "target_met_over_hf": bool(over_hf.get(32, 0) >= 4 and total_errors == 0) if 32 in over_hf else None,
+           "openai_over_answer_at_clients": openai_ratio,
+           "openai_target": "POST /v1/chat/completions >= 0.9x POST /v1/answer requests/s at 32 clients, zero errors",
+           "openai_target_met": bool(openai_ratio[32] >= 0.9 and total_errors == 0) if 32 in openai_ratio else None}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2))
     print(f"results -> {args.output}")
