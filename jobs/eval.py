@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by `latentrag train`")
     p.add_argument("--eval-qa", required=True, help="questions with answers (and gold_passage_ids for recall)")
     p.add_argument("--output-dir", required=True, help="where metrics.json and predictions.jsonl go")
-    p.add_argument("--index", help="evaluate against another index root or version than the checkpoint's")
+    p.add_argument("--index", help="evaluate against another index root or version than the checkpoint's (by "
+                                   "default the checkpoint finds its own, also after its run directory moved)")
     p.add_argument("--k", type=_positive_int,
                    help="passages per question, 1 to the number of passages in the index (default: the "
                         "checkpoint's eval.k)")

@@ -41,7 +41,7 @@ class CheckpointError(ValueError):
 
 
 # How far above a checkpoint directory its run directory may be: OUTPUT_DIR/checkpoint (1),
-# OUTPUT_DIR/ray_results/<run>/checkpoint_N (3), OUTPUT_DIR/mlartifacts/<exp>/<run>/artifacts/model (5).
+# OUTPUT_DIR/ray_results/<run>/checkpoint_N (3), OUTPUT_DIR/mlartifacts/[<exp>/]<run>/artifacts/model (4-5).
 RUN_DIR_DEPTH = 6
 BUNDLED_INDEX = "index"
 

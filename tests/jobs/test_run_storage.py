@@ -144,3 +144,17 @@ def test_code_lineage_names_the_package_and_commit(tmp_path):
     if head.returncode == 0:                         # this checkout is a git repository
         assert lineage["git_commit"] == head.stdout.strip()
     assert git_commit(tmp_path) is None              # not a repository: absent, not an error
+
+
+def test_serve_names_the_tracking_uri_of_a_model_it_cannot_find(tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.serve import main as serve_main
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(db).search_experiments()                # the store exists; the model does not
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")   # restored after the test
+    assert serve_main(["--checkpoint", "models:/nobody@champion", "--tracking-uri", db,
+                       "--set", f"download_dir={tmp_path / 'dl'}"]) == 2
+    err = capsys.readouterr().err
+    assert db in err and "--tracking-uri" in err and "MLFLOW_TRACKING_URI" in err
