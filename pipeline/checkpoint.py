@@ -106,17 +106,21 @@ def resolve_index_dir(path: str | Path, meta: dict | None = None) -> Path:
                                     "encoder_fingerprint": meta.get("index_encoder_fingerprint"),
                                     **({"embeddings_sha256": (meta.get("index_manifest") or {}).get("embeddings_sha256")}
                                        if meta.get("index_manifest") else {})}
-    tried = []
+    tried, relative_missing = [], 0
     for how, d in index_candidates(path, meta):
         manifest_file = d / "manifest.json"
         if not manifest_file.is_file() or (how == "bundled" and not _bundled_complete(d)):
-            if how != "bundled" or manifest_file.is_file():
+            if how.startswith("relative"):
+                relative_missing += 1
+            elif how != "bundled" or manifest_file.is_file():
                 tried.append(f"{d} ({how}: {'incomplete' if manifest_file.is_file() else 'missing'})")
             continue
         why = _manifest_mismatch(json.loads(manifest_file.read_text()), ref)
         if why is None:
             return d
         tried.append(f"{d} ({how}: {why})")
+    if relative_missing:
+        tried.insert(0, f"{ref['run_relative']} under {Path(path).absolute()} and the directories above it (missing)")
     what = ", ".join(f"{k} {ref[k]}" for k in ("version", "count", "embeddings_sha256") if ref.get(k))
     raise CheckpointError(f"{path}: the index this model was trained with ({what or 'unnamed'}) is not found; "
                           f"looked at {'; '.join(tried) or 'nothing (the checkpoint names no index)'}. Point at "
@@ -125,8 +129,8 @@ def resolve_index_dir(path: str | Path, meta: dict | None = None) -> Path:
 
 # ------------------------------------------------------------------------------------------------ trainer state
 # AdamW keeps two fp32 moments per parameter. MiniLM's 30522x384 word embedding (and the generator's) get a dense
-# gradient every step, but only the rows of tokens the run has seen are ever non-zero: in a 40-step demo a few
-# percent. Such tensors are stored as (row indices, those rows); every other row is exactly zero (compared bit for
+# gradient every step, but only the rows of tokens the run has seen are ever non-zero: in a 40-step demo 539 of
+# 30522 (MiniLM) and 1358 of 30522 (copy-bart), 119 of the 210 MB trainer_state.pt otherwise. Such tensors are stored as (row indices, those rows); every other row is exactly zero (compared bit for
 # bit, so -0.0 survives), and unpacking restores the same tensor.
 _SPARSE_TAG = "__row_sparse__"
 _SPARSE_MIN_NUMEL = 1 << 16
