@@ -8,14 +8,60 @@ logs everything to MLflow (a SQLite file in the output directory); prints a resu
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.tracking import default_tracking_uri
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _NoAnsi(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = ANSI.sub("", record.getMessage()), None
+        return True
+
+
+def plain_logs(stream=None) -> None:
+    """No ANSI colour codes when the output is not a terminal (a log file, a pipe, CI). Ray colours the
+    `(pid=...)` prefix of worker lines it prints on the driver unless RAY_COLOR_PREFIX=0 (read when it prints them),
+    and its start-up line colours the dashboard URL (a filter on the `ray` logger's handlers strips that)."""
+    if (stream or sys.stdout).isatty():
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _NoAnsi) for f in handler.filters):
+            handler.addFilter(_NoAnsi())
+
+
+def where_things_go(out: Path, tracking_uri: str) -> str:
+    """The first lines of a run: where its outputs and its MLflow store are, and how to browse them."""
+    ui = f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port 5000"
+    return (f"[run] outputs -> {out}\n[run] MLflow  -> {tracking_uri}\n"
+            f"[run] browse the runs: {ui}   (then http://127.0.0.1:5000)")
+
+
+def next_steps(checkpoint: Path, question: str = "Where was Varnel Ostrik born?", port: int = 8000) -> str:
+    """The last lines of a run that wrote a checkpoint: serve it, ask it, open the page."""
+    body = json.dumps({"question": question})
+    return "\n".join([
+        "next:",
+        f"  serve it    latentrag serve --checkpoint {shlex.quote(str(checkpoint))} --port {port}",
+        f"  ask it      curl -s http://127.0.0.1:{port}/v1/answer -H 'Content-Type: application/json' "
+        f"-d {shlex.quote(body)}",
+        f"  the page    http://127.0.0.1:{port}/   (the answer as it streams, the passages and their probabilities)",
+        f"  OpenAI SDK  base_url http://127.0.0.1:{port}/v1, model \"latentrag\"",
+    ])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 
     start = time.time()
+    plain_logs()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    print(where_things_go(out, default_tracking_uri(out, cfg.mlflow.tracking_uri)), flush=True)
     kb = generate_knowledge_base(seed=cfg.data.synthetic_seed, num_entities=cfg.data.synthetic_entities,
                                  template_set=cfg.data.synthetic_templates)
     write_knowledge_base(kb, out / "data")
@@ -57,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(results_table(metrics))
     print(f"\nmetrics -> {out / 'metrics.json'}   MLflow -> {metrics.get('mlflow_run_id')} in {out / 'mlflow.db'}"
           f"   ({time.time() - start:.0f}s in all)")
+    print(next_steps(out / "checkpoint", kb.test[0]["question"] if kb.test else "Where was Varnel Ostrik born?"))
     return 0
 
 

@@ -612,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(results_table(metrics))
     print(f"metrics -> {output_dir / 'metrics.json'}")
+    from jobs.demo import next_steps    # the demo's "what next" lines: serve, curl, the page
+    print(next_steps(output_dir.resolve() / "checkpoint", *[r["question"] for r in eval_rows[:1]]))
     return 0
 
 
