@@ -32,7 +32,7 @@ import torch
 from pipeline.config import Config, from_dict, save_config
 from pipeline.index import load_index
 from pipeline.models.generator import load_generator
-from pipeline.models.retriever import load_encoder, save_encoder
+from pipeline.models.retriever import encoder_fingerprint, load_encoder, save_encoder
 from pipeline.rag import RagModel
 
 
@@ -146,6 +146,54 @@ def _pack_tensor(t: torch.Tensor):
     return {_SPARSE_TAG: True, "shape": list(t.shape), "rows": rows, "values": t[rows].clone()}
 
 
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a, b) if a.dim() == 0 else torch.equal(a.contiguous().view(torch.uint8),
+                                                               b.contiguous().view(torch.uint8))
+
+
+# train.retriever_anchor_kl keeps a frozen copy of the starting query encoder (90 MB for MiniLM). When it is the
+# configured encoder as shipped, trainer_state.pt names it instead (with its fingerprint) and loading rebuilds it.
+_START_TAG = "__start_encoder__"
+_start_cache: dict = {}
+
+
+def _start_encoder_state(name: str) -> tuple[str, dict]:
+    from pipeline.models.retriever import TextEncoder
+
+    fp = encoder_fingerprint(name)
+    if _start_cache.get("key") != (name, fp):
+        _start_cache.clear()
+        _start_cache.update(key=(name, fp), state=TextEncoder(name).state_dict())
+    return fp, _start_cache["state"]
+
+
+def anchor_by_reference(state: dict, encoder_name: str) -> dict:
+    """`state` with the anchor's encoder replaced by a reference to `encoder_name`, when it is bit for bit that
+    encoder's weights (a run that started from a trained checkpoint keeps its full copy)."""
+    anchor = state.get("anchor")
+    if not isinstance(anchor, dict) or not isinstance(anchor.get("encoder"), dict):
+        return state
+    fp, start = _start_encoder_state(encoder_name)
+    enc = anchor["encoder"]
+    if enc.keys() != start.keys() or not all(_bits_equal(enc[k], start[k]) for k in enc):
+        return state
+    return {**state, "anchor": {**anchor, "encoder": {_START_TAG: encoder_name, "fingerprint": fp}}}
+
+
+def _anchor_from_reference(state: dict, f: Path) -> dict:
+    anchor = state.get("anchor")
+    ref = anchor.get("encoder") if isinstance(anchor, dict) else None
+    if not (isinstance(ref, dict) and _START_TAG in ref):
+        return state
+    fp, start = _start_encoder_state(ref[_START_TAG])
+    if fp != ref["fingerprint"]:
+        raise CheckpointError(f"{f}: the retriever anchor is the start encoder {ref[_START_TAG]!r} with fingerprint "
+                              f"{ref['fingerprint']}, but that encoder's files now have fingerprint {fp}")
+    return {**state, "anchor": {**anchor, "encoder": dict(start)}}
+
+
 def pack_state(obj):
     """trainer state -> the same with mostly-zero tensors stored row-sparse (still tensors and plain values)."""
     if isinstance(obj, torch.Tensor):
@@ -194,6 +242,7 @@ def save_checkpoint(out_dir: str | Path, model: RagModel, cfg: Config, step: int
             "index_ref": index_reference(model.index, cfg.output_dir), **(extra or {})}
     (tmp / "rag.json").write_text(json.dumps(meta, indent=2))
     if trainer_state is not None:
+        trainer_state = anchor_by_reference(trainer_state, cfg.retriever.encoder)
         torch.save(pack_state(trainer_state), tmp / "trainer_state.pt")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -240,4 +289,4 @@ def load_trainer_state(path: str | Path) -> dict | None:
         raise CheckpointError(f"{f}: refused, it holds objects other than tensors and plain values "
                               f"(a trainer state never does; the file is damaged or not ours): "
                               f"{str(exc).splitlines()[0]}") from None
-    return unpack_state(state)
+    return _anchor_from_reference(unpack_state(state), f)

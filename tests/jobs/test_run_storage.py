@@ -158,3 +158,25 @@ def test_serve_names_the_tracking_uri_of_a_model_it_cannot_find(tmp_path, monkey
                        "--set", f"download_dir={tmp_path / 'dl'}"]) == 2
     err = capsys.readouterr().err
     assert db in err and "--tracking-uri" in err and "MLFLOW_TRACKING_URI" in err
+
+
+def test_the_retriever_anchor_is_stored_as_a_reference_when_it_is_the_start_encoder(tmp_path):
+    """train.retriever_anchor_kl's frozen start encoder: named (with its fingerprint) instead of 90 MB of weights
+    when it is the configured encoder as shipped, and rebuilt bit for bit on load; any other anchor is kept."""
+    from pipeline.checkpoint import anchor_by_reference
+    from pipeline.models.retriever import TextEncoder
+
+    start = TextEncoder("minilm").state_dict()
+    state = {"step": 2, "anchor": {"weight": 0.1, "k": 3, "encoder": start}}
+    by_ref = anchor_by_reference(state, "minilm")
+    assert by_ref["anchor"]["encoder"]["__start_encoder__"] == "minilm"
+    (tmp_path / "a").mkdir()
+    torch.save(pack_state(by_ref), tmp_path / "a" / "trainer_state.pt")
+    assert (tmp_path / "a" / "trainer_state.pt").stat().st_size < 10_000
+    assert _same(load_trainer_state(tmp_path / "a"), state)
+
+    moved = {k: v.clone() for k, v in start.items()}
+    key = next(k for k, v in moved.items() if v.is_floating_point())
+    moved[key].view(-1)[0] += 1e-3
+    kept = anchor_by_reference({"anchor": {"weight": 0.1, "k": 3, "encoder": moved}}, "minilm")
+    assert kept["anchor"]["encoder"] is moved
