@@ -12,6 +12,7 @@ metrics.json + MLflow.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from pipeline.data import (DataError, chunk_passages, read_corpus, read_manifest
                            write_passages)
 from pipeline.estimators.registry import STRATEGIES, estimator_help, objective_for, strategy_names
 from pipeline.index import load_index, read_manifest as read_index_manifest
+from pipeline.models import hf_causal
 from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
 from pipeline.recipe import Events, TrainRecipe, evaluate_run
 from pipeline.tracking import Tracker, code_lineage, default_tracking_uri
@@ -360,6 +362,18 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def tree_fingerprint(path: Path) -> str:
+    """A short hash of a saved module directory (every file below it: name, size, first MiB), like
+    encoder_fingerprint but recursive, so LoRA adapters and nested generator weights count."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def run_lineage(cfg: Config, index, final_dir: Path | None = None) -> dict:
     """What a run was made from: corpus and index (fingerprints, passage count, version), encoders (the one the
     run started from, and each trained module's weights), the code (package version, git commit when in a
@@ -372,7 +386,7 @@ def run_lineage(cfg: Config, index, final_dir: Path | None = None) -> dict:
            "retriever_start_fingerprint": encoder_fingerprint(cfg.retriever.encoder), **code_lineage()}
     for name in ("query_encoder", "passage_encoder", "posterior_encoder", "generator"):
         if final_dir is not None and (final_dir / name).is_dir():
-            out[f"{name}_fingerprint"] = encoder_fingerprint(str(final_dir / name))
+            out[f"{name}_fingerprint"] = tree_fingerprint(final_dir / name)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -511,10 +525,12 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
 def check_model_paths(cfg: Config) -> None:
     """Fail fast, before any output exists, on a model path that is not there."""
     resolve_encoder_path(cfg.retriever.encoder)
-    if cfg.generator.kind != "copy-bart":
-        resolve_encoder_path(cfg.generator.name_or_path)
-    else:
+    if cfg.generator.kind == "copy-bart":
         resolve_encoder_path(cfg.generator.tokenizer)
+    else:
+        resolve_encoder_path(cfg.generator.name_or_path)
+    if cfg.generator.kind == "hf-causal":
+        hf_causal.preflight(cfg.generator)     # template, tokenizer and LoRA targets, on a weightless model
 
 
 def format_metrics(m: dict) -> str:
