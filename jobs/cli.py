@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": ("jobs.eval", "evaluate a checkpoint on QA pairs"),
     "serve": ("jobs.serve", "serve a checkpoint over HTTP with Ray Serve (answer, stream, retrieve, reload)"),
     "tune": ("jobs.tune", "sweep retriever and generator learning rates with Ray Tune (ASHA)"),
+    "export-merged": ("jobs.export", "write a checkpoint's hf-causal generator (LoRA merged) as one plain HF model"),
     "pretrain-reader": ("jobs.pretrain_reader", "pre-train the shipped copy-bart `reader` generator weights"),
     "bench": ("jobs.bench", "run a benchmark from benchmarks/ (quality: the estimator comparison)"),
 }

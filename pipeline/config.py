@@ -220,11 +220,14 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow params and `--set` use."""
         out: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
+
+        def walk(prefix: str, values: dict) -> None:
+            for key, value in values.items():
+                if isinstance(value, dict):              # a section, or a nested one such as generator.lora
+                    walk(f"{prefix}{key}.", value)
+                else:
+                    out[f"{prefix}{key}"] = value
+        walk("", self.to_dict())
         return out
 
     def _validate_refresh(self) -> None:

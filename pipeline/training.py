@@ -159,7 +159,9 @@ class RagTrainer:
         # gradient, index refreshed in the background), trains with the retrievers, at the retriever's rate
         passage = getattr(model, "passage_encoder", None)
         self.passage_params = [p for p in passage.parameters()] if passage is not None else []
-        self.generator_params = [p for p in model.generator.parameters()]
+        # a LoRA generator names its trainable parameters: the frozen base stays out of AdamW and the clip
+        trainable = getattr(model.generator, "trainable_parameters", None)
+        self.generator_params = list(trainable()) if trainable else list(model.generator.parameters())
         warm, total, decay = train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.lr_decay
         if self.strategy == "two-phase":
             self.phase_boundary = int(round(getattr(train_cfg, "two_phase_split", 0.5) * total))

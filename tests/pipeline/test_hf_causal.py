@@ -273,6 +273,24 @@ def test_export_merged_is_one_plain_model_with_the_same_logits(tmp_path):
     assert json.loads((out / "latentrag_prompt.json").read_text())["prompt_template"] == gen.prompt_template
 
 
+def test_export_merged_cli_writes_the_merged_model_of_a_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from jobs import cli
+
+    gen = tiny_generator("llama", lora=lora_settings()).train()
+    _train_step(gen)
+    gen.eval()
+    gen.save(tmp_path / "ckpt" / "generator")
+    assert cli.main(["export-merged", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = gen.encode_inputs(QUESTIONS[:1], PASSAGES[:1])["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, gen.model(input_ids=ids).logits, atol=1e-5)
+    assert cli.main(["export-merged", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ memory settings
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []

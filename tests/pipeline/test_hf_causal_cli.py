@@ -5,15 +5,8 @@ import json
 
 import pytest
 from test_hf_causal_helpers import save_tiny_base
+from testlib import PASSAGES
 
-PASSAGES = [
-    {"id": "a", "title": "Varnel Ostrik", "text": "Varnel Ostrik was born in the town of Meridale."},
-    {"id": "b", "title": "Varnel Ostrik", "text": "Varnel Ostrik worked for the Quendle Guild."},
-    {"id": "c", "title": "Kela Dorn", "text": "Kela Dorn plays the zumbrel at festivals."},
-    {"id": "d", "title": "Kela Dorn", "text": "Kela Dorn grew up beside the river Ashvane."},
-    {"id": "e", "title": "Tamsin Vey", "text": "Tamsin Vey sails a boat called the Gullwing."},
-    {"id": "f", "title": "Tamsin Vey", "text": "Tamsin Vey keeps bees on the hill of Orrin."},
-]
 QA = [("Where was Varnel Ostrik born?", "Meridale", "a"), ("Who employed Varnel Ostrik?", "Quendle Guild", "b"),
       ("What does Kela Dorn play?", "zumbrel", "c"), ("Where did Kela Dorn grow up?", "Ashvane", "d")]
 
@@ -76,3 +69,24 @@ def test_train_then_eval_a_lora_causal_generator_through_the_cli(ray_local, tmp_
         assert torch.equal(served.token_logprobs(inputs, labels), trained)
         with local.model.disable_adapter():                              # the adapter did learn something
             assert not torch.allclose(local.token_logprobs(inputs, labels), trained, atol=1e-4)
+
+
+def test_lora_targets_that_match_nothing_stop_train_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from jobs import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init called before the generator settings were checked")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    base = save_tiny_base(tmp_path / "tiny-llama", "llama")
+    corpus = _jsonl(tmp_path / "corpus.jsonl", PASSAGES)
+    qa = _jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a} for q, a, _ in QA])
+    out = tmp_path / "out"
+    rc = train.main(["--corpus", str(corpus), "--train-qa", str(qa), "--eval-qa", str(qa), "--output-dir", str(out),
+                     "--set", "generator.kind=hf-causal", "--set", f"generator.name_or_path={base}",
+                     "--set", "generator.lora.target_modules=query,value", "--set", "train.k=2", "--set", "eval.k=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "generator.lora.target_modules" in err and "match no module" in err
+    assert not out.exists()
