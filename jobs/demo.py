@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -21,27 +19,6 @@ from pipeline.config import ConfigError, load_config
 from pipeline.tracking import default_tracking_uri
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class _NoAnsi(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = ANSI.sub("", record.getMessage()), None
-        return True
-
-
-def plain_logs(stream=None) -> None:
-    """No ANSI colour codes when the output is not a terminal (a log file, a pipe, CI). Ray colours the
-    `(pid=...)` prefix of worker lines it prints on the driver unless RAY_COLOR_PREFIX=0 (read when it prints them),
-    and its start-up line colours the dashboard URL (a filter on the `ray` logger's handlers strips that)."""
-    if (stream or sys.stdout).isatty():
-        return
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    for handler in logging.getLogger("ray").handlers:
-        if not any(isinstance(f, _NoAnsi) for f in handler.filters):
-            handler.addFilter(_NoAnsi())
 
 
 def where_things_go(out: Path, tracking_uri: str) -> str:
@@ -89,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 
     start = time.time()
-    plain_logs()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(where_things_go(out, default_tracking_uri(out, cfg.mlflow.tracking_uri)), flush=True)

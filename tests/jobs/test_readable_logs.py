@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import time, ray
-from jobs.demo import plain_logs
+from jobs.ray_env import plain_logs
 if {plain}:
     plain_logs()
 ray.init(num_cpus=1)
