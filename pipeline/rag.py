@@ -76,14 +76,17 @@ class RagModel(nn.Module):
     # ----------------------------------------------------------------------------------------- retrieval
     def search_rows(self, query_vectors: torch.Tensor, k: int) -> np.ndarray:
         m = min(self.rerank_top_m, len(self.index.ids))
-        if self.passage_encoder is None or m <= k:
+        if self.passage_encoder is None or m == 0:
             return self._search(query_vectors, k)
-        # the index's vectors are stale while the passage encoder trains: re-rank its top-M with the current one
+        # the index's vectors are stale while the passage encoder trains: re-rank its top-M with the current one.
+        # Asked for more than M (evaluation reads 20 for recall@20), the first M are the re-ranked ones, so the
+        # first train.k rows are the ones training and serving use
         from pipeline.refresh import rerank_rows
 
-        rows = self._search(query_vectors, m)
-        texts = [[self.row_text(int(r)) for r in row] for row in rows]
-        return rerank_rows(query_vectors, rows, texts, self.passage_encoder, k)[0]
+        rows = self._search(query_vectors, max(m, k))
+        texts = [[self.row_text(int(r)) for r in row[:m]] for row in rows]
+        head = rerank_rows(query_vectors, rows[:, :m], texts, self.passage_encoder, min(m, k))[0]
+        return np.concatenate([head, rows[:, m:k]], axis=1) if k > m else head
 
     def _search(self, query_vectors: torch.Tensor, k: int) -> np.ndarray:
         _, rows = self.index.search(query_vectors.detach().float().cpu().numpy().astype(np.float32), k)

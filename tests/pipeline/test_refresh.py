@@ -136,3 +136,21 @@ def test_rag_model_uses_fresh_passage_vectors_and_reranks(tmp_path):
     assert passage.table.grad is not None and passage.table.grad[2].abs().sum() > 0
     model.passage_encoder = None
     assert model.score_rows(q, np.array([[0, 2]])).tolist() == [[1.0, 0.0]]   # without one: the index's vectors
+
+
+def test_asked_for_more_than_rerank_top_m_the_first_m_rows_are_the_reranked_ones(tmp_path):
+    """Evaluation asks for 20 rows (recall@20) while training keeps train.k of the re-ranked top-M: the first rows
+    must be the same in both, or what was evaluated is not what trained."""
+    from pipeline.index import load_index, write_index_version
+    from pipeline.rag import RagModel
+
+    stale = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0]], np.float32)
+    write_index_version(tmp_path / "idx", stale, ["a", "b", "c", "d"], "flat", texts=["p0", "p1", "p2", "p3"])
+    passage = LookupEncoder([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.2, 0.1]])  # current: c > b > a among the top 3
+    model = RagModel(LookupEncoder([[1.0, 0.0]]), None, load_index(tmp_path / "idx"), tau=1.0,
+                     passage_encoder=passage, rerank_top_m=3)
+    q = model.query_encoder(["q0"])
+    trained = model.search_rows(q, 2).tolist()                                # what a train.k=2 step sees
+    assert trained == [[2, 1]]
+    deeper = model.search_rows(q, 4).tolist()                                 # what evaluation reads
+    assert deeper[0][:2] == trained[0] and deeper == [[2, 1, 0, 3]]           # the re-ranked 3, then the stale rest
