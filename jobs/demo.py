@@ -8,9 +8,7 @@ logs everything to MLflow (a SQLite file in the output directory); prints a resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,26 +17,6 @@ from pipeline.config import ConfigError, load_config
 from pipeline.tracking import default_tracking_uri
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-def where_things_go(out: Path, tracking_uri: str) -> str:
-    """The first lines of a run: where its outputs and its MLflow store are, and how to browse them."""
-    ui = f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port 5000"
-    return (f"[run] outputs -> {out}\n[run] MLflow  -> {tracking_uri}\n"
-            f"[run] browse the runs: {ui}   (then http://127.0.0.1:5000)")
-
-
-def next_steps(checkpoint: Path, question: str = "Where was Varnel Ostrik born?", port: int = 8000) -> str:
-    """The last lines of a run that wrote a checkpoint: serve it, ask it, open the page."""
-    body = json.dumps({"question": question})
-    return "\n".join([
-        "next:",
-        f"  serve it    latentrag serve --checkpoint {shlex.quote(str(checkpoint))} --port {port}",
-        f"  ask it      curl -s http://127.0.0.1:{port}/v1/answer -H 'Content-Type: application/json' "
-        f"-d {shlex.quote(body)}",
-        f"  the page    http://127.0.0.1:{port}/   (the answer as it streams, the passages and their probabilities)",
-        f"  OpenAI SDK  base_url http://127.0.0.1:{port}/v1, model \"latentrag\"",
-    ])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # imported after HF_HUB_OFFLINE is set above: transformers reads it when first imported
     from jobs.ray_env import ensure_ray
-    from jobs.train import results_table, run_training
+    from jobs.train import clear_previous_run, next_steps, results_table, run_training, where_things_go
     from pipeline.data import chunk_passages, write_passages
     from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 
@@ -75,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[data] synthetic knowledge base: {len(kb.passages)} passages, {len(kb.train)} train / "
           f"{len(kb.dev)} dev / {len(kb.test)} test questions -> {out / 'data'}", flush=True)
     write_passages(chunk_passages(kb.passages, cfg.data.chunk_words, cfg.data.chunk_overlap), out / "passages")
+    clear_previous_run(out)             # `make demo` again replaces the last demo (its index is reused)
     ensure_ray()
     metrics = run_training(cfg, out, out / "passages", kb.train, kb.dev, kb.test)
     print()

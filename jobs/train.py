@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -533,6 +534,26 @@ def check_model_paths(cfg: Config) -> None:
         hf_causal.preflight(cfg.generator)     # template, tokenizer and LoRA targets, on a weightless model
 
 
+def where_things_go(out: Path, tracking_uri: str) -> str:
+    """The first lines of a run: where its outputs and its MLflow store are, and how to browse them."""
+    ui = f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port 5000"
+    return (f"[run] outputs -> {out}\n[run] MLflow  -> {tracking_uri}\n"
+            f"[run] browse the runs: {ui}   (then http://127.0.0.1:5000)")
+
+
+def next_steps(checkpoint: Path, question: str = "Where was Varnel Ostrik born?", port: int = 8000) -> str:
+    """The last lines of a run that wrote a checkpoint: serve it, ask it, open the page."""
+    body = json.dumps({"question": question})
+    return "\n".join([
+        "next:",
+        f"  serve it    latentrag serve --checkpoint {shlex.quote(str(checkpoint))} --port {port}",
+        f"  ask it      curl -s http://127.0.0.1:{port}/v1/answer -H 'Content-Type: application/json' "
+        f"-d {shlex.quote(body)}",
+        f"  the page    http://127.0.0.1:{port}/   (the answer as it streams, the passages and their probabilities)",
+        f"  OpenAI SDK  base_url http://127.0.0.1:{port}/v1, model \"latentrag\"",
+    ])
+
+
 def format_metrics(m: dict) -> str:
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"
@@ -615,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             check_k_fits(cfg, count, f"the corpus {cfg.data.corpus}")
         else:
             check_k_fits(cfg, int(read_index_manifest(args.index)["count"]), f"the index {args.index}")
+        print(where_things_go(output_dir.resolve(), default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)),
+              flush=True)
         if rows is not None:
             passages = write_passage_rows(rows, output_dir)
         metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,
@@ -628,7 +651,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(results_table(metrics))
     print(f"metrics -> {output_dir / 'metrics.json'}")
-    from jobs.demo import next_steps    # the demo's "what next" lines: serve, curl, the page
     print(next_steps(output_dir.resolve() / "checkpoint", *[r["question"] for r in eval_rows[:1]]))
     return 0
 

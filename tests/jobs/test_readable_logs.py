@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.demo import next_steps, where_things_go
+from jobs.train import next_steps, where_things_go
 
 ROOT = Path(__file__).resolve().parents[2]
 
