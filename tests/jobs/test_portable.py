@@ -1,8 +1,9 @@
 """A trained run is portable and registered (ray: in-process on the shared local Ray, 4 steps).
 
 Train a tiny run with `--strategy joint --register tiny --alias champion`; its MLflow run carries the lineage and
-`models:/tiny@champion` resolves to its model; then move the whole run directory elsewhere: `latentrag eval` and
-the serving loading code from the new place give the metrics and answers of the train job; a missing index is
+`models:/tiny@champion` resolves to its model and is served over HTTP; then move the whole run directory
+elsewhere: `latentrag eval`, the serving loading code and the served application from the new place give the
+metrics and answers of the train job; a missing index is
 named with --index; a finished run is refused without --overwrite, and --overwrite trains it anew."""
 import json
 import shutil
@@ -58,6 +59,34 @@ def _serve_answers(checkpoint: str, questions: list[str], **kw):
     return ref, [a.answer for a in answers], [[p["id"] for p in r.passages] for r in retrieved]
 
 
+def _http_answers(checkpoint: str, questions: list[str], **args) -> list[str]:
+    """The answers of `latentrag serve`'s application for `checkpoint`, over HTTP on 127.0.0.1 (Serve on the
+    shared Ray; shut down afterwards so the serving tests start their own)."""
+    import socket
+
+    import requests
+    from ray import serve
+
+    from serving.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    zero = {name: {"ray_actor_options": {"num_cpus": 0}} for name in ("Ingress", "Retriever", "Generator")}
+    try:
+        serve.run(build_app({"checkpoint": checkpoint, "generator_threads": 1, **args}, zero), name="portable",
+                  route_prefix="/portable")
+        out = []
+        for q in questions:          # mode, k and beams left to the checkpoint's own eval settings
+            r = requests.post(f"http://127.0.0.1:{port}/portable/v1/answer", json={"question": q}, timeout=120)
+            assert r.status_code == 200, r.text
+            out.append(r.json()["answer"])
+        return out
+    finally:
+        serve.shutdown()
+
+
 @pytest.mark.ray
 def test_lineage_strategy_and_the_registry(run, monkeypatch):
     root, data, out = run
@@ -89,6 +118,9 @@ def test_lineage_strategy_and_the_registry(run, monkeypatch):
     assert answers == [p["prediction"] for p in predictions]
     # a small index travels inside model/: the download finds it there, not in the run directory
     assert Path(ref.index_dir).is_relative_to((root / "dl").resolve())
+    # and `latentrag serve --checkpoint models:/tiny@champion` answers the same over HTTP
+    assert _http_answers("models:/tiny@champion", [p["question"] for p in predictions],
+                         download_dir=str(root / "dl-http")) == [p["prediction"] for p in predictions]
 
 
 @pytest.mark.ray
@@ -126,6 +158,8 @@ def test_moved_run_evaluates_and_serves_as_before(run, capsys):
     assert Path(ref.index_dir) == (new / "index" / m["index_version"]).resolve()
     assert answers == [p["prediction"] for p in predictions]
     assert [i[0] for i in ids] == [p["top_passage"] for p in predictions]
+    assert _http_answers(str(new / "checkpoint"), [p["question"] for p in predictions]) == \
+        [p["prediction"] for p in predictions]                            # and over HTTP, as `latentrag serve`
     # MLflow's model/ under the moved run (mlartifacts/<run>/artifacts/model) finds the run's index
     model_dir = next(new.glob("mlartifacts/**/artifacts/model"))
     shutil.rmtree(model_dir / "index")
