@@ -9,6 +9,7 @@ from jobs.train import format_metrics
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import DataError, read_qa, write_json, write_jsonl
 from pipeline.evaluation import evaluate
+from pipeline.progress import Progress
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     decode = args.decode or cfg.eval.decode
     num_beams = args.num_beams if args.num_beams is not None else cfg.eval.num_beams
     metrics, predictions = evaluate(model, rows, k=k, estimator=cfg.train.estimator, decode=decode,
-                                    num_beams=num_beams)
+                                    num_beams=num_beams, progress=Progress("[eval]", "questions"))
     metrics.update({"k": k, "decode": decode, "num_beams": num_beams,
                     "estimator": cfg.train.estimator, "index_version": model.index.version,
                     "checkpoint": str(Path(args.checkpoint).resolve()), "step": meta.get("step")})

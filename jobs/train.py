@@ -38,6 +38,7 @@ from pipeline.estimators.registry import STRATEGIES, estimator_help, objective_f
 from pipeline.index import load_index, read_manifest as read_index_manifest
 from pipeline.models import hf_causal
 from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
+from pipeline.progress import Progress, format_seconds
 from pipeline.recipe import Events, TrainRecipe, evaluate_run
 from pipeline.tracking import Tracker, code_lineage, default_tracking_uri
 
@@ -107,8 +108,10 @@ class RayTrainEvents(Events):
     def log(self, recipe, step, m):
         if self.rank != 0:
             return
+        left = (self.cfg.train.max_steps - step) / max(m["steps_per_s"], 1e-9)
         _log(f"[train] step {step}/{self.cfg.train.max_steps}  loss {m['loss_mean']:.3f}  "
-             f"{m['steps_per_s']:.2f} steps/s  {m['examples_per_s']:.1f} ex/s  {recipe.trainer.phase()}")
+             f"{m['steps_per_s']:.2f} steps/s  {m['examples_per_s']:.1f} ex/s  {format_seconds(left)} left  "
+             f"{recipe.trainer.phase()}")
         if self.mlflow:
             self.mlflow.log_metrics({_mlflow_key(k): float(v) for k, v in m.items()
                                      if isinstance(v, (int, float)) and v == v and k != "loss_mean"}, step=step)
@@ -464,7 +467,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         # 2. the untrained start, built as every worker builds it
         start = TrainRecipe(cfg, train_rows).setup(index)
         _log(f"[eval] untrained start on {len(eval_rows)} questions ...")
-        initial, _ = start.evaluate(eval_rows)
+        initial, _ = start.evaluate(eval_rows, progress=Progress("[eval] untrained", "questions"))
         start.cleanup()
         tracker.log_metrics({f"initial_{k}": v for k, v in initial.items() if v is not None})
         _log("[eval] untrained: " + format_metrics(initial))
@@ -491,7 +494,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
 
         # 4. the trained model
         model, _, meta = load_checkpoint(final_dir)
-        final, predictions = evaluate_run(model, eval_rows, cfg)
+        final, predictions = evaluate_run(model, eval_rows, cfg, progress=Progress("[eval] trained", "questions"))
         lineage = run_lineage(cfg, index, final_dir)
         tracker.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
         metrics = {**final, "k": cfg.eval.k, **objective_for(cfg).record(),

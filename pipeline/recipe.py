@@ -60,13 +60,14 @@ def dev_score(dev: dict, metric: str) -> float:
 
 
 @torch.no_grad()
-def evaluate_run(model, rows: list[dict], cfg: Config, nll: bool = True, batch_size: int = 32) -> tuple[dict, list]:
+def evaluate_run(model, rows: list[dict], cfg: Config, nll: bool = True, batch_size: int = 32,
+                 progress=None) -> tuple[dict, list]:
     """(metrics, predictions) with the run's eval settings (eval.k, decode, beams, max_questions). `nll` adds the
     rag-sequence marginal NLL of the gold answer over the top eval.k: the same quantity for every estimator, so
     runs (and Tune trials) with different estimators compare."""
     rows = rows[:cfg.eval.max_questions] if cfg.eval.max_questions else rows
     metrics, predictions = evaluate(model, rows, k=cfg.eval.k, estimator=cfg.train.estimator, decode=cfg.eval.decode,
-                                    num_beams=cfg.eval.num_beams)
+                                    num_beams=cfg.eval.num_beams, progress=progress)
     if nll and rows:
         was_training = model.training
         model.eval()
@@ -190,8 +191,8 @@ class TrainRecipe:
                 events.report(self, report, None)
 
     # --------------------------------------------------------------------------------------------- evaluate
-    def evaluate(self, rows: list[dict], nll: bool = True) -> tuple[dict, list]:
-        return evaluate_run(self.model, rows, self.cfg, nll=nll)
+    def evaluate(self, rows: list[dict], nll: bool = True, progress=None) -> tuple[dict, list]:
+        return evaluate_run(self.model, rows, self.cfg, nll=nll, progress=progress)
 
     def dev_report(self) -> dict:
         """dev_* metrics and dev_score (train.best_metric); rank 0 evaluates, other ranks report NaN."""
