@@ -124,6 +124,7 @@ async function ask(event) {
   const answer = $("answer");
   const status = $("status");
   answer.textContent = "";
+  answer.dataset.pieces = "0";      // how many streamed pieces were appended (the tests read it)
   $("passages").textContent = "";
   const mode = document.querySelector("input[name=mode]:checked").value;
   const k = $("k").value ? Number($("k").value) : null;
@@ -154,7 +155,10 @@ async function ask(event) {
     await readEvents(r, (chunk) => {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices && chunk.choices[0];
-      if (choice && choice.delta && choice.delta.content) answer.textContent += choice.delta.content;
+      if (choice && choice.delta && choice.delta.content) {
+        answer.textContent += choice.delta.content;
+        answer.dataset.pieces = String(Number(answer.dataset.pieces) + 1);
+      }
       if (chunk.latentrag) {
         finished = true;
         renderPassages(chunk.latentrag);

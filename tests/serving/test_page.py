@@ -62,9 +62,11 @@ def test_page_streams_the_answer_and_shows_the_passages(page, served, tmp_path):
     plain = _plain(served, "rag-sequence", 3)
     answer = page.inner_text("#answer")
     assert answer == plain["choices"][0]["message"]["content"]
+    # it grew piece by piece: several streamed pieces appended in order (how many renders the browser shows in
+    # between depends on how the network coalesces the chunks, so that is not what is asserted)
+    assert int(page.get_attribute("#answer", "data-pieces")) >= 2
     states = [s for s in page.evaluate("window.answerStates") if s]
-    assert len(set(states)) >= 2 and states[-1] == answer        # it grew piece by piece
-    assert all(answer.startswith(s) for s in states)
+    assert states and states[-1] == answer and all(answer.startswith(s) for s in states)
     items = page.locator("#passages li.passage")
     expect(items).to_have_count(3)
     want = plain["latentrag"]["passages"]
