@@ -13,9 +13,11 @@ decoder-only models (`hf-seq2seq`, `hf-causal`) are the choice for real runs; al
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -33,12 +35,66 @@ def _load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(resolve_encoder_path(name_or_path))
 
 
+class SerialTokenizer:
+    """A tokenizer that several threads may call (the serving Generator decodes streams beside batches): a Hugging
+    Face fast tokenizer sets its truncation and padding on the shared Rust object at every call, so two threads'
+    calls interleave them ("Truncation error: Second sequence not provided"). Every method call holds one lock;
+    attributes read through."""
+
+    def __init__(self, tokenizer):
+        object.__setattr__(self, "_tok", tokenizer)
+        object.__setattr__(self, "_lock", threading.RLock())
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_tok", "_lock"):
+            raise AttributeError(name)
+        attr = getattr(self._tok, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+        return locked
+
+    def __setattr__(self, name, value):           # e.g. tokenizer.pad_token = eos reaches the tokenizer itself
+        if name in ("_tok", "_lock"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._tok, name, value)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __deepcopy__(self, memo):
+        return SerialTokenizer(copy.deepcopy(self._tok, memo))
+
+    def __getstate__(self):
+        return {"tok": self._tok}
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "_tok", state["tok"])
+        object.__setattr__(self, "_lock", threading.RLock())
+
+
 class Generator(nn.Module):
     """Shared interface: inputs and targets to tensors, per-token log-likelihoods, step-wise decoding."""
 
-    tokenizer = None
     max_source_length: int = 128
     max_target_length: int = 16
+
+    @property
+    def tokenizer(self):
+        return self.__dict__.get("_serial_tokenizer")
+
+    @tokenizer.setter
+    def tokenizer(self, tok):
+        self.__dict__["_serial_tokenizer"] = tok if tok is None or isinstance(tok, SerialTokenizer) \
+            else SerialTokenizer(tok)
 
     def encode_inputs(self, questions: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -16,8 +16,25 @@ from jobs.train import next_steps, where_things_go
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
-import time, ray
+import sys, threading, ray
 from jobs.ray_env import plain_logs
+
+
+class Watch:
+    # stdout that notices the worker's line: the driver prints worker lines when they arrive, so wait for it
+    def __init__(self, stream):
+        self.stream, self.seen = stream, threading.Event()
+
+    def write(self, text):
+        if "hello from a worker" in text:
+            self.seen.set()
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+sys.stdout = Watch(sys.stdout)
 if {plain}:
     plain_logs()
 ray.init(num_cpus=1)
@@ -27,7 +44,7 @@ def hello():
     print("hello from a worker", flush=True)
 
 ray.get(hello.remote())
-time.sleep(2)          # the driver prints worker lines as they arrive
+sys.stdout.seen.wait(120)
 ray.shutdown()
 """
 

@@ -190,3 +190,37 @@ def test_a_long_question_is_cut_by_the_generator_and_its_batch_neighbours_are_un
         gen.question_budget()
     labels, _ = gen.encode_targets(["Meridale", "Meridale", "zumbrel"])
     assert torch.isfinite(gen.token_logprobs(mixed, labels)).all()
+
+
+def test_the_generator_can_be_called_from_several_threads():
+    """Serving decodes streams beside batches on one generator: with the fast tokenizer's per-call truncation
+    state unguarded, 4 threads x 300 calls mixing pair and single-sequence encodes raised a few "Truncation
+    error"s; the generator's tokenizer serialises its calls."""
+    import copy
+    import pickle
+    import threading
+
+    gen = build_generator(GeneratorConfig(d_model=32, ffn_dim=64, encoder_layers=1, decoder_layers=1,
+                                          attention_heads=2), ["Meridale"])
+    long_q = "who " + " ".join(["quendle"] * 150) + "?"
+    errors = []
+
+    def work(i):
+        for _ in range(300):
+            try:
+                if i % 2:
+                    gen.encode_inputs([long_q], ["Varnel Ostrik was born in Meridale."])
+                else:
+                    gen.encode_targets(["Meridale"])
+                    gen.decode([5, 6, 7])
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for clone in (copy.deepcopy(gen), pickle.loads(pickle.dumps(gen))):     # the lock does not travel
+        assert clone.encode_inputs(["q"], ["p"])["input_ids"].tolist() == gen.encode_inputs(["q"], ["p"])["input_ids"].tolist()
