@@ -115,8 +115,13 @@ class Generator(nn.Module):
 
     @staticmethod
     def select_state(state: dict, rows: torch.Tensor) -> dict:
-        """Keep (and repeat) the rows of a decoding state, for beam search."""
-        return {k: v.index_select(0, rows) for k, v in state.items()}
+        """Keep (and repeat) the rows of a decoding state, for beam search. A decoder KV cache under "cache" moves
+        to the new state (reordered in place; the old state loses it, with its "cache_prefix")."""
+        out = {k: (v.index_select(0, rows) if torch.is_tensor(v) else v) for k, v in state.items()}
+        if state.get("cache") is not None:
+            out["cache"].reorder_cache(rows)
+            state["cache"], state["cache_prefix"] = None, None
+        return out
 
     decode_floor: float | None = None
 
@@ -358,15 +363,6 @@ class CopyBart(Generator):
         keys, before, copyable = self._copy_parts(inputs, enc)
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "enc": enc,
                 "copy_keys": keys, "copy_before": before, "copyable": copyable, "cache": None, "cache_prefix": None}
-
-    @staticmethod
-    def select_state(state, rows):
-        """Keep (and repeat) rows of the state; the decoder cache moves to the new state (the old one loses it)."""
-        out = {k: (v.index_select(0, rows) if torch.is_tensor(v) else v) for k, v in state.items()}
-        if state.get("cache") is not None:
-            out["cache"].reorder_cache(rows)
-            state["cache"], state["cache_prefix"] = None, None
-        return out
 
     decode_floor = _LOG_EPS
 

@@ -381,15 +381,6 @@ class HFCausalGenerator(Generator):
         return {"input_ids": ids, "attention_mask": mask, "first": torch.log_softmax(_at_least_fp32(logits[:, -1]), -1),
                 "cache": cache, "cache_prefix": start}
 
-    @staticmethod
-    def select_state(state, rows):
-        """Keep (and repeat) rows; the cache moves to the new state (the old one loses it)."""
-        out = {k: (v.index_select(0, rows) if torch.is_tensor(v) else v) for k, v in state.items()}
-        if state.get("cache") is not None:
-            out["cache"].reorder_cache(rows)
-            state["cache"], state["cache_prefix"] = None, None
-        return out
-
     def decode_step(self, state, prefix, use_cache: bool = True):
         if prefix.size(1) == 1:
             return state["first"]
