@@ -118,6 +118,9 @@ class GeneratorConfig:
                                        # synthetic KBs by jobs/pretrain_reader.py; needs its sizes) | a generator dir
     name_or_path: str | None = None    # hub name or local dir for hf-* kinds
     tokenizer: str = "minilm"          # tokenizer for copy-bart: the embedded MiniLM WordPiece vocab
+    encoder: str = "bart"              # copy-bart's encoder: bart (its own, d_model wide) | a pretrained encoder
+                                       # (minilm: the retriever's all-MiniLM-L6-v2 reads; d_model = its width)
+    encoder_train_layers: int = -1     # a pretrained encoder: only its top N layers train (-1 = all; 0 = frozen)
     d_model: int = 128
     encoder_layers: int = 2
     decoder_layers: int = 2

@@ -86,6 +86,16 @@ class Generator(nn.Module):
 
     max_source_length: int = 128
     max_target_length: int = 16
+    _frozen: set[str] = frozenset()          # parameter names that never train (a frozen pretrained part)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """The trainer switches whole generators on and off; a frozen part stays frozen."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(bool(requires_grad) and name not in self._frozen)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n not in self._frozen]
 
     @property
     def tokenizer(self):
@@ -166,22 +176,37 @@ class Generator(nn.Module):
 
 
 class CopyBart(Generator):
-    """Small BART (random init) whose output mixes the vocabulary with copying from the source tokens."""
+    """Small BART whose output mixes the vocabulary with copying from the source tokens.
+
+    `encoder="bart"`: the BART's own small encoder, random init (reads template sentences after pre-training).
+    `encoder=<a Hugging Face encoder>` (e.g. "minilm", the retriever's pretrained all-MiniLM-L6-v2): that encoder
+    reads "question [SEP] passage" and the copy head points into its states, as an extractive reader's span head
+    does; the decoder takes the encoder's width and its word embeddings (input, vocabulary head and copy keys), so
+    it starts knowing English. The tokenizer must be the encoder's."""
 
     def __init__(self, tokenizer: str = "minilm", d_model: int = 128, encoder_layers: int = 2,
                  decoder_layers: int = 2, attention_heads: int = 4, ffn_dim: int = 512, dropout: float = 0.1,
                  max_source_length: int = 128, max_target_length: int = 16,
-                 output_token_ids: list[int] | None = None):
+                 output_token_ids: list[int] | None = None, encoder: str = "bart", encoder_train_layers: int = -1):
         super().__init__()
-        from transformers import BartConfig, BartModel
+        from transformers import AutoModel, BartConfig, BartModel
 
         self.tokenizer_name = tokenizer
         self.tokenizer = _load_tokenizer(tokenizer)
         tok = self.tokenizer
+        self.text_encoder = None
+        if encoder != "bart":
+            self.text_encoder = AutoModel.from_pretrained(resolve_encoder_path(encoder))
+            if self.text_encoder.config.vocab_size != len(tok):
+                raise ValueError(f"generator.encoder {encoder!r} has a vocabulary of "
+                                 f"{self.text_encoder.config.vocab_size} tokens but generator.tokenizer "
+                                 f"{tokenizer!r} has {len(tok)}: use the encoder's own tokenizer")
+            d_model, encoder_layers = int(self.text_encoder.config.hidden_size), 0
         self.hparams = dict(tokenizer=tokenizer, d_model=d_model, encoder_layers=encoder_layers,
                             decoder_layers=decoder_layers, attention_heads=attention_heads, ffn_dim=ffn_dim,
                             dropout=dropout, max_source_length=max_source_length,
-                            max_target_length=max_target_length)
+                            max_target_length=max_target_length, encoder=encoder,
+                            encoder_train_layers=encoder_train_layers)
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         # WordPiece tokenizers have [CLS]/[SEP]; they serve as BOS/EOS.
@@ -193,9 +218,15 @@ class CopyBart(Generator):
             encoder_ffn_dim=ffn_dim, decoder_ffn_dim=ffn_dim, dropout=dropout, attention_dropout=0.0,
             max_position_embeddings=max(max_source_length, max_target_length) + 8,
             pad_token_id=tok.pad_token_id, bos_token_id=self._bos, eos_token_id=self._eos,
-            decoder_start_token_id=self._bos, forced_eos_token_id=None, scale_embedding=True,
+            decoder_start_token_id=self._bos, forced_eos_token_id=None,
+            scale_embedding=self.text_encoder is None,      # pretrained word embeddings already have their scale
         )
         self.bart = BartModel(config)
+        if self.text_encoder is not None:
+            self.bart.encoder = None                         # the pretrained encoder reads instead
+            self._tie_embeddings()
+            self._frozen = self._frozen_encoder_names(encoder_train_layers)
+            self.requires_grad_(True)
         # The vocabulary head covers `output_token_ids` only (the tokens of the training answers): projecting
         # onto all 30k WordPiece ids dominated step time on a CPU. Other tokens are produced by copying.
         self.set_output_tokens(output_token_ids)
@@ -214,6 +245,12 @@ class CopyBart(Generator):
         nn.init.normal_(self.copy_query.weight, std=0.02)
         nn.init.normal_(self.copy_key.weight, std=0.02)
         nn.init.normal_(self.copy_prev_key.weight, std=0.02)
+        # With a pretrained encoder, the first answer token also gets an extractive reader's start logit, a linear
+        # function of each source state: where an answer starts is what such encoders learn to read fastest.
+        self.start_head = nn.Linear(d_model, 1) if self.text_encoder is not None else None
+        if self.start_head is not None:
+            nn.init.zeros_(self.start_head.weight)
+            nn.init.zeros_(self.start_head.bias)
 
     def set_output_tokens(self, output_token_ids: list[int] | None) -> None:
         """Point the vocabulary head at these token ids (None: every token). The head is tied to the input
@@ -238,12 +275,33 @@ class CopyBart(Generator):
             raise ValueError(f"{file}: generator weights do not fit this architecture ({self._arch()}): "
                              + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4]))
         missing, unexpected = self.load_state_dict(state, strict=False)
-        tied = {"bart.encoder.embed_tokens.weight", "bart.decoder.embed_tokens.weight", "bart.shared.weight"}
-        if unexpected or set(missing) - tied:
+        tied = {"bart.encoder.embed_tokens.weight", "bart.decoder.embed_tokens.weight", "bart.shared.weight",
+                "text_encoder.embeddings.word_embeddings.weight"}
+        if unexpected or set(missing) - tied or len(tied & set(missing)) == len(tied & set(own)):
             raise ValueError(f"{file}: generator weights do not fit its config "
                              f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+        self._tie_embeddings()
+
+    def _frozen_encoder_names(self, train_layers: int) -> set[str]:
+        """The pretrained encoder's parameters below its top `train_layers` layers (-1: none frozen). Frozen
+        layers need no backward pass: most of a step's time on a CPU. Freezing the embeddings freezes the
+        tied word embeddings of the decoder and vocabulary head too."""
+        layers = self.text_encoder.encoder.layer
+        if train_layers < 0 or train_layers >= len(layers):
+            return set()
+        frozen = [self.text_encoder.embeddings, *layers[:len(layers) - train_layers]]
+        ids = {id(p) for m in frozen for p in m.parameters()}
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+    def _tie_embeddings(self) -> None:
+        """One word-embedding matrix for the encoder's input, the decoder's input, the vocabulary head and the copy
+        keys: the pretrained encoder's when there is one. (load_state_dict copies into the shared tensor, so a
+        checkpoint that stores it under one of its names fills all of them.)"""
+        if self.text_encoder is not None:
+            self.bart.shared.weight = self.text_encoder.embeddings.word_embeddings.weight
+        else:
+            self.bart.encoder.embed_tokens.weight = self.bart.shared.weight
         self.bart.decoder.embed_tokens.weight = self.bart.shared.weight
-        self.bart.encoder.embed_tokens.weight = self.bart.shared.weight
 
     def _arch(self) -> str:
         h = self.hparams
@@ -280,7 +338,8 @@ class CopyBart(Generator):
         return ids.to(device), mask.to(device)
 
     def _encode(self, inputs):
-        return self.bart.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        encoder = self.text_encoder if self.text_encoder is not None else self.bart.encoder
+        return encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
 
     def _heads(self, inputs, enc, decoder_input_ids):
         """Decoder states -> (vocab logits [N,t,V], copy attention [N,t,S], p_gen [N,t,1])."""
@@ -295,17 +354,20 @@ class CopyBart(Generator):
         before = torch.cat([torch.full_like(ids[:, :1], self.tokenizer.pad_token_id), ids[:, :-1]], 1)
         keys = self.copy_key(enc) + self.copy_prev_key(self.bart.shared(before))
         copyable = inputs["attention_mask"].bool() & ids.ne(self._bos) & ids.ne(self._eos)
-        return keys, before, copyable
+        start = self.start_head(enc).squeeze(-1) if self.start_head is not None else None
+        return keys, before, copyable, start
 
     def _heads_from_states(self, inputs, enc, dec, previous_tokens, copy_parts=None):
         """`previous_tokens` [N, t]: the token fed to the decoder at each position (the last one emitted).
         `copy_parts`: `_copy_parts(inputs, enc)` when already computed (decoding computes it once)."""
         vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
-        keys, before, copyable = copy_parts if copy_parts is not None else self._copy_parts(inputs, enc)
+        keys, before, copyable, start = copy_parts if copy_parts is not None else self._copy_parts(inputs, enc)
         scores = self.copy_query(dec) @ keys.transpose(1, 2) / math.sqrt(dec.size(-1))
         emitted = previous_tokens.unsqueeze(-1)                                         # [N, t, 1]
         continues = before.unsqueeze(1).eq(emitted) & emitted.ne(self._bos) & emitted.ne(self.tokenizer.pad_token_id)
         scores = scores + self.span_bias * continues.to(scores.dtype)
+        if start is not None:                                                          # first answer token
+            scores = scores + emitted.eq(self._bos).to(scores.dtype) * start.unsqueeze(1)
         scores = scores.masked_fill(~copyable.unsqueeze(1), float("-inf"))
         attn = torch.softmax(scores, dim=-1)
         p_gen = torch.sigmoid(self.gate(torch.cat([dec, attn @ enc], -1)))
@@ -360,9 +422,10 @@ class CopyBart(Generator):
 
     def start_decoding(self, inputs):
         enc = self._encode_by_length(inputs)
-        keys, before, copyable = self._copy_parts(inputs, enc)
+        keys, before, copyable, start = self._copy_parts(inputs, enc)
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "enc": enc,
-                "copy_keys": keys, "copy_before": before, "copyable": copyable, "cache": None, "cache_prefix": None}
+                "copy_keys": keys, "copy_before": before, "copyable": copyable, "copy_start": start, "cache": None,
+                "cache_prefix": None}
 
     decode_floor = _LOG_EPS
 
@@ -387,7 +450,8 @@ class CopyBart(Generator):
         if use_cache:
             state["cache"], state["cache_prefix"] = getattr(out, cache_arg), prefix
         dec = out.last_hidden_state[:, -1:]
-        copy_parts = (state["copy_keys"], state["copy_before"], state["copyable"]) if "copy_keys" in state else None
+        copy_parts = (state["copy_keys"], state["copy_before"], state["copyable"], state.get("copy_start")) \
+            if "copy_keys" in state else None
         vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec, prefix[:, -1:], copy_parts)
         # log p over the whole vocabulary, but the mixture and its log only where a token can have mass (the
         # vocabulary head's tokens and the source's); every other token gets log(1e-12), as `_mix` gives it.
@@ -505,7 +569,8 @@ def build_generator(cfg, train_answers: list[str] | None = None) -> Generator:
         gen = CopyBart(output_token_ids=out_ids, tokenizer=cfg.tokenizer, d_model=cfg.d_model,
                        encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
                        attention_heads=cfg.attention_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
-                       max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
+                       max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length,
+                       encoder=cfg.encoder, encoder_train_layers=cfg.encoder_train_layers)
         if cfg.init != "random":
             weights = reader_weights(cfg.init)
             try:

@@ -22,11 +22,13 @@ def encoder():
     return TextEncoder()
 
 
-@pytest.fixture(scope="module")
-def model(encoder, tmp_path_factory):
+@pytest.fixture(scope="module", params=["bart", "minilm"])
+def model(encoder, tmp_path_factory, request):
+    """copy-bart with its own small encoder, and with the pretrained MiniLM reading (generator.encoder)."""
     root = minilm_index(tmp_path_factory.mktemp("index"), PASSAGES, encoder)
     torch.manual_seed(0)
-    gen = build_generator(GeneratorConfig(dropout=0.0), ["Meridale", "Quendle Guild", "zumbrel", "Ashvane"])
+    cfg = GeneratorConfig(dropout=0.0, encoder=request.param, decoder_layers=1 if request.param != "bart" else 2)
+    gen = build_generator(cfg, ["Meridale", "Quendle Guild", "zumbrel", "Ashvane"])
     return RagModel(encoder, gen, load_index(root), tau=0.05).eval()
 
 
@@ -224,3 +226,54 @@ def test_the_generator_can_be_called_from_several_threads():
     assert errors == []
     for clone in (copy.deepcopy(gen), pickle.loads(pickle.dumps(gen))):     # the lock does not travel
         assert clone.encode_inputs(["q"], ["p"])["input_ids"].tolist() == gen.encode_inputs(["q"], ["p"])["input_ids"].tolist()
+
+
+def test_a_pretrained_reader_trains_only_its_top_layers_and_round_trips(tmp_path):
+    """generator.encoder=minilm with encoder_train_layers=2: the embeddings (tied to the decoder's input and
+    vocabulary head) and the lower 4 layers keep their weights through a step and stay frozen when the trainer
+    switches the generator back on; the top layers and the decoder change; save -> load gives the same scores."""
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(dropout=0.0, encoder="minilm", encoder_train_layers=2, decoder_layers=1)
+    gen = build_generator(cfg, ["Meridale", "Ashvane"])
+    gen.requires_grad_(False).requires_grad_(True)          # what the trainer does between phases
+    before = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    opt = torch.optim.AdamW(gen.trainable_parameters(), lr=1e-2)
+    inputs = gen.encode_inputs(["Where was Varnel Ostrik born?"], [PASSAGES[0]["text"]])
+    labels, mask = gen.encode_targets(["Meridale"])
+    (-(gen.token_logprobs(inputs, labels) * mask).sum()).backward()
+    opt.step()
+    changed = {n for n, p in gen.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(("text_encoder.embeddings", "text_encoder.encoder.layer.0.",
+                                 "text_encoder.encoder.layer.3.", "bart.shared")) for n in changed)
+    assert any(n.startswith("text_encoder.encoder.layer.5.") for n in changed)
+    assert any(n.startswith("bart.decoder.layers.0.") for n in changed)
+    assert gen.bart.decoder.embed_tokens.weight is gen.text_encoder.embeddings.word_embeddings.weight
+    gen.eval().save(tmp_path / "g")
+    again = load_generator(tmp_path / "g").eval()
+    assert again.hparams["encoder"] == "minilm" and again.hparams["encoder_train_layers"] == 2
+    with torch.no_grad():
+        assert torch.allclose(gen.token_logprobs(inputs, labels), again.token_logprobs(inputs, labels), atol=1e-6)
+    assert {id(p) for p in again.trainable_parameters()} == {
+        id(p) for n, p in again.named_parameters() if p.requires_grad}
+
+
+def test_a_pretrained_reader_refuses_another_tokenizer():
+    with pytest.raises(ValueError, match="use the encoder's own tokenizer"):
+        build_generator(GeneratorConfig(encoder="minilm", tokenizer=str(_bert_like_tokenizer_dir())))
+
+
+def _bert_like_tokenizer_dir():
+    """A WordPiece tokenizer with a different vocabulary size than MiniLM's, written to a temp dir."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    out = tempfile.mkdtemp()
+    fast.save_pretrained(out)
+    return out
