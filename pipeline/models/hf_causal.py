@@ -400,6 +400,44 @@ class HFCausalGenerator(Generator):
             state["cache"], state["cache_prefix"] = cache, prefix
         return torch.log_softmax(_at_least_fp32(logits[:, -1]), -1)
 
+    # ------------------------------------------------------------------------------------------ sharding (FSDP2)
+    # `train.parallel: fsdp`: torch's FSDP2 `fully_shard` on every decoder layer and on the peft/transformers model
+    # (in place: the generator keeps its methods, each model call all-gathers a layer's weights just in time and
+    # frees them after). Every parameter becomes a DTensor holding 1/world of it; under LoRA the frozen base is
+    # sharded too and only the adapters get gradients (FSDP2 keeps the original parameters, frozen ones included,
+    # which is what FSDP1 needed use_orig_params for). Model calls are then collectives: every rank must make the
+    # same calls (training steps do; evaluation runs on every rank).
+    @property
+    def is_sharded(self) -> bool:
+        return getattr(self, "_sharded", False)
+
+    def shard(self, mesh=None) -> "HFCausalGenerator":
+        """Shard the model over the default process group (or `mesh`). Call it before building the optimizer: the
+        parameters are replaced by sharded ones."""
+        from torch.distributed.fsdp import fully_shard
+
+        base = self._base()
+        layers = getattr(getattr(base, "model", None), "layers", None)          # Llama, Qwen2, Mistral
+        if layers is None:
+            layers = getattr(getattr(base, "transformer", None), "h", None)    # GPT-2
+        for layer in layers or ():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded, self._gathered = True, None
+        return self
+
+    def gather_for_save(self, rank: int) -> None:
+        """A collective (every rank calls it): the full values of what `save` writes (the adapters under LoRA, else
+        the whole model) are gathered to CPU on rank 0 and kept for the next `save`."""
+        state = {}
+        for name, value in self.model.state_dict().items():
+            if self.lora is not None and "lora_" not in name:
+                continue                                      # the frozen base is never saved with adapters
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if rank == 0:
+                state[name] = full.detach().cpu().clone()
+        self._gathered = state if rank == 0 else None
+
     # ------------------------------------------------------------------------------------------ saving
     def settings(self) -> dict:
         return {"kind": "hf-causal", "base": self.name_or_path if _is_referenceable(self.name_or_path) else None,
@@ -410,14 +448,21 @@ class HFCausalGenerator(Generator):
 
     def save(self, out_dir):
         out_dir = Path(out_dir)
+        gathered = {}
+        if self.is_sharded:
+            # the local shards are 1/world of each weight: write the full values gathered on every rank
+            if self._gathered is None:
+                raise RuntimeError("a sharded generator saves what gather_for_save() collected: call it on every "
+                                   "rank first, then save on rank 0")
+            gathered, self._gathered = {"state_dict": self._gathered}, None
         out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(out_dir / "tokenizer")
         if self.lora is not None:
-            self.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+            self.model.save_pretrained(out_dir / "adapter", safe_serialization=True, **gathered)
             for base in self._bundled_base:
                 base.save_pretrained(out_dir / "base", safe_serialization=True)
         else:
-            self.model.save_pretrained(out_dir / "model", safe_serialization=True)
+            self.model.save_pretrained(out_dir / "model", safe_serialization=True, **gathered)
         (out_dir / "generator.json").write_text(json.dumps(self.settings(), indent=2))
 
     @classmethod
