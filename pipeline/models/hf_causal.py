@@ -269,34 +269,55 @@ class HFCausalGenerator(Generator):
             return []
         return [tok.bos_token_id]
 
-    def _render_text(self, question: str, passage: str) -> str:
+    @property
+    def uses_history(self) -> bool:
+        """Earlier chat turns go into the prompt with a chat template (they precede the user turn that holds the
+        passage and question); a plain prompt has no place for them."""
+        return self.chat_template
+
+    def _render_text(self, question: str, passage: str, history: tuple = ()) -> str:
         text = self.prompt_template.format(passage=passage, question=question)
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+            turns = [{"role": m["role"], "content": m["content"]} for m in history]
+            text = self.tokenizer.apply_chat_template(turns + [{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
         return text
 
-    def _render(self, question: str, passage: str) -> list[int]:
-        return self._render_many([question], [passage])[0]
+    def _render(self, question: str, passage: str, history: tuple = ()) -> list[int]:
+        return self._render_many([question], [passage], [history])[0]
 
-    def _render_many(self, questions: list[str], passages: list[str]) -> list[list[int]]:
-        texts = [self._render_text(q, p) for q, p in zip(questions, passages)]
+    def _render_many(self, questions: list[str], passages: list[str], histories=None) -> list[list[int]]:
+        histories = histories or [()] * len(questions)
+        texts = [self._render_text(q, p, h) for q, p, h in zip(questions, passages, histories)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [self._prefix + row for row in ids]
+
+    def fit_history(self, question: str, history) -> tuple:
+        """The newest earlier turns that fit: the oldest go first until the prompt without its passage leaves the
+        passage at least what it has without history (half of what the template leaves). `question` is already
+        cut to `question_budget()`."""
+        history = tuple(history or ())
+        if not history or not self.uses_history:
+            return ()
+        limit = self.max_source_length - self.question_budget()
+        while history and len(self._render(question, "", history)) > limit:
+            history = history[1:]
+        return history
 
     def question_budget(self) -> int:
         """Half of what the template leaves of max_source_length: the passage always has the other half."""
         return max(1, (self.max_source_length - self._template_tokens) // 2)
 
-    def _prompts(self, questions: list[str], passages: list[str]) -> list[list[int]]:
+    def _prompts(self, questions: list[str], passages: list[str], histories=None) -> list[list[int]]:
         """Prompt ids of at most max_source_length tokens; an over-long prompt loses the end of its passage."""
         limit = self.max_source_length
-        prompts = self._render_many(questions, passages)
+        histories = histories or [()] * len(questions)
+        prompts = self._render_many(questions, passages, histories)
         over = [i for i, p in enumerate(prompts) if len(p) > limit]
         if not over:
             return prompts
         tok = self.tokenizer
-        bare = self._render_many([questions[i] for i in over], [""] * len(over))
+        bare = self._render_many([questions[i] for i in over], [""] * len(over), [histories[i] for i in over])
         enc = tok([passages[i] for i in over], add_special_tokens=False, return_offsets_mapping=tok.is_fast)
         for j, i in enumerate(over):
             budget = limit - len(bare[j])
@@ -308,7 +329,7 @@ class HFCausalGenerator(Generator):
                     cut = passages[i][:enc["offset_mapping"][j][min(budget, len(ids)) - 1][1]]
                 else:
                     cut = tok.decode(ids[:budget])
-                prompt = self._render(questions[i], cut)
+                prompt = self._render(questions[i], cut, histories[i])
                 # tokens can merge differently across the cut: shrink until the whole prompt fits
                 if len(prompt) <= limit or budget <= 0:
                     break
@@ -319,9 +340,15 @@ class HFCausalGenerator(Generator):
             prompts[i] = prompt
         return prompts
 
-    def encode_inputs(self, questions, passages):
+    def encode_inputs(self, questions, passages, histories=None):
+        """`histories`: per row, the earlier chat turns ({role, content}, oldest first) before the question, with a
+        chat template (see `fit_history`); ignored without one."""
         questions = [self.fit_question(q) for q in questions]
-        prompts = self._prompts(questions, list(passages))
+        if histories is not None and self.uses_history:
+            histories = [self.fit_history(q, h) for q, h in zip(questions, histories)]
+        else:
+            histories = None
+        prompts = self._prompts(questions, list(passages), histories)
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
