@@ -179,6 +179,11 @@ class HFCausalGenerator(Generator):
         if self.lora is not None:
             model = self._with_lora(model, adapter_dir, where)
         self.model = model
+        head = self._base().get_output_embeddings()
+        if head is not None:
+            # logits_to_keep hands the head a slice of the hidden states (not contiguous); with a frozen head (LoRA)
+            # torch's linear then runs as a bmm over an expanded weight, twice the time of one matmul on CPU
+            head.register_forward_pre_hook(_contiguous_input)
         self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         self._cache_arg = "cache" if "cache" in inspect.signature(self._base().forward).parameters \
             else "past_key_values"
@@ -536,6 +541,10 @@ class HFCausalGenerator(Generator):
             {"prompt_template": self.prompt_template, "chat_template": self.chat_template,
              "max_source_length": self.max_source_length, "answer_separator": self._answer_sep}, indent=2))
         return out_dir
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
