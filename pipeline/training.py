@@ -421,9 +421,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _full_optimizer_state(state: dict) -> dict:
-    """The optimizer's state dict with every sharded (DTensor) value gathered whole: a collective, every rank walks
-    the same parameters in the same order."""
-    return {**state, "state": {i: {k: _full(v) for k, v in st.items()} for i, st in sorted(state["state"].items())}}
+    """The optimizer's state dict with every sharded (DTensor) value gathered whole, in CPU memory (a device never
+    holds more than one whole moment at a time): a collective, every rank walks the same parameters in the same
+    order."""
+    def whole(v):
+        return v.full_tensor().cpu() if hasattr(v, "full_tensor") else v
+
+    return {**state, "state": {i: {k: whole(v) for k, v in st.items()} for i, st in sorted(state["state"].items())}}
 
 
 def _shard_optimizer_state(optimizer) -> None:
