@@ -20,7 +20,11 @@ def available() -> dict[str, Path]:
     if not BENCH_DIR.is_dir():
         return {}
     return {f.stem.removesuffix("_bench"): f for f in sorted(BENCH_DIR.glob("*.py"))
-            if f.stem not in ("__init__", "common")}
+            if f.stem not in HELPERS}
+
+
+# modules of benchmarks/ that other benchmarks import, not benchmarks themselves
+HELPERS = ("__init__", "common", "gpu_host", "causal_common")
 
 
 def main(argv: list[str] | None = None) -> int:

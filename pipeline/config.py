@@ -177,6 +177,7 @@ class TrainConfig:
     checkpoint_every: int = 0          # 0 = only at the end
     grad_accum_steps: int = 1          # micro-batches of batch_size per optimiser step (per worker)
     precision: str = "bf16"            # bf16 | fp32: bf16 autocast of the forward, on GPU only (CPU runs fp32)
+    parallel: str = "ddp"              # ddp | fsdp: fsdp shards an hf-causal generator over the workers (FSDP2)
     trace: bool = False                # write OUTPUT_DIR/trace/rank<r>.jsonl: worker pid, example indices per step
     best_metric: str = "em+recall@1"   # dev metric (or sum, "a+b") that picks the best checkpoint (eval_every > 0)
     max_failures: int = 2              # Ray Train FailureConfig: worker-group restarts from the last checkpoint
@@ -269,6 +270,11 @@ class Config:
             raise ConfigError(f"train.grad_accum_steps: must be >= 1, got {self.train.grad_accum_steps}")
         if self.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {self.train.precision!r}; choose bf16 or fp32")
+        if self.train.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel: {self.train.parallel!r}; choose ddp or fsdp")
+        if self.train.parallel == "fsdp" and self.generator.kind != "hf-causal":
+            raise ConfigError(f"train.parallel=fsdp: shards an hf-causal generator only (generator.kind is "
+                              f"{self.generator.kind}); use train.parallel=ddp")
         if not 0.0 < self.train.two_phase_split < 1.0:
             raise ConfigError(f"train.two_phase_split: must be in (0, 1), got {self.train.two_phase_split}")
         for settings in registry.settings_of(self.train, "train"):           # strategy objectives' (independent)

@@ -103,28 +103,40 @@ def _passages(cand, b: int, doc_logprobs: torch.Tensor, posterior: torch.Tensor 
             for k in range(len(cand.ids[b]))]
 
 
-def _retrieve_and_encode(model, questions: list[str], k: int, candidates, doc_scores=None):
+def _retrieve_and_encode(model, questions: list[str], k: int, candidates, doc_scores=None, histories=None):
     """Top-k candidates, log p(z|x) [B, K], and generator inputs for every (question, passage) pair.
-    `doc_scores` [B, >=k]: the retriever's scores of `candidates` (then `model` needs only a `.generator`)."""
+    `doc_scores` [B, >=k]: the retriever's scores of `candidates` (then `model` needs only a `.generator`).
+    `histories`: per question, earlier chat turns for a generator that `uses_history` (retrieval reads the
+    question alone)."""
     cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
     scores = model.doc_scores(questions, cand) if doc_scores is None else torch.as_tensor(doc_scores)[:, :k]
     doc_lp = torch.log_softmax(scores.float(), -1)
     inputs = model.generator.encode_inputs([q for q in questions for _ in range(k)],
-                                           [p for row in cand.texts for p in row])
+                                           [p for row in cand.texts for p in row],
+                                           **_history_arg(model.generator, histories, k))
     return cand, doc_lp, inputs
+
+
+def _history_arg(gen, histories, repeat: int) -> dict:
+    """encode_inputs' `histories=` for rows of `repeat` passages per question, when the generator reads them."""
+    if not histories or not getattr(gen, "uses_history", False):
+        return {}
+    return {"histories": [h for h in histories for _ in range(repeat)]}
 
 
 @torch.no_grad()
 def rag_sequence_decode(model, questions: list[str], k: int = 5, num_beams: int = 1, max_len: int | None = None,
-                        thorough: bool = False, candidates=None, doc_scores=None) -> list[DecodedAnswer]:
+                        thorough: bool = False, candidates=None, doc_scores=None,
+                        histories=None) -> list[DecodedAnswer]:
     """`candidates`: an earlier `model.retrieve(questions, >= k)`, reused instead of retrieving again; with
-    `doc_scores` (their retriever scores) as well, no retriever is needed.
+    `doc_scores` (their retriever scores) as well, no retriever is needed. `histories`: per question, the earlier
+    chat turns ({role, content}, oldest first) a generator that `uses_history` puts before the question.
 
     All questions, passages and beams decode together: one encoder pass over the B*K (question, passage) pairs, one
     decoder step per token for every live beam, with the decoder's key/value cache."""
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates, doc_scores)
+    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates, doc_scores, histories)
     b = len(questions)
     box = {"state": gen.start_decoding(inputs)}               # one row per (question, passage): beam 0
 
@@ -145,7 +157,8 @@ def rag_sequence_decode(model, questions: list[str], k: int = 5, num_beams: int 
                 produced[text][kk] = max(lp, produced[text].get(kk, float("-inf")))
         texts = list(produced)
         if thorough:
-            seq_lp = _score_answers(model, questions[i], cand.texts[i], texts)           # [A, K]
+            seq_lp = _score_answers(model, questions[i], cand.texts[i], texts,
+                                    histories[i] if histories else None)                     # [A, K]
         else:
             seq_lp = torch.full((len(texts), k), float("-inf"))
             for a, text in enumerate(texts):
@@ -159,11 +172,12 @@ def rag_sequence_decode(model, questions: list[str], k: int = 5, num_beams: int 
     return results
 
 
-def _score_answers(model, question: str, passages: list[str], answers: list[str]) -> torch.Tensor:
+def _score_answers(model, question: str, passages: list[str], answers: list[str], history=None) -> torch.Tensor:
     """[A, K] log p(answer_a | question, passage_k), in one batched forward pass."""
     gen = model.generator
     k = len(passages)
-    inputs = gen.encode_inputs([question] * (len(answers) * k), passages * len(answers))
+    inputs = gen.encode_inputs([question] * (len(answers) * k), passages * len(answers),
+                               **_history_arg(gen, [history] if history else None, len(answers) * k))
     labels, mask = gen.encode_targets([a for a in answers for _ in range(k)])
     token_lp = gen.token_logprobs(inputs, labels)
     return (token_lp * mask).sum(-1).view(len(answers), k).cpu()
@@ -172,12 +186,12 @@ def _score_answers(model, question: str, passages: list[str], answers: list[str]
 @torch.no_grad()
 def rag_token_decode(model, questions: list[str], k: int = 5, num_beams: int = 1,
                      max_len: int | None = None, candidates=None, doc_scores=None,
-                     on_step=None) -> list[DecodedAnswer]:
-    """`candidates`, `doc_scores`: as for `rag_sequence_decode`. `on_step(prefix [B*num_beams, t])` is called
+                     on_step=None, histories=None) -> list[DecodedAnswer]:
+    """`candidates`, `doc_scores`, `histories`: as for `rag_sequence_decode`. `on_step(prefix [B*num_beams, t])` is called
     after every step (the ids emitted so far, after the start token), e.g. to stream tokens."""
     gen = model.generator
     max_len = max_len or gen.max_target_length
-    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates, doc_scores)
+    cand, doc_lp, inputs = _retrieve_and_encode(model, questions, k, candidates, doc_scores, histories)
     b = len(questions)
     device = inputs["input_ids"].device
     # state rows ordered (live beam, passage): every beam of a question sees all K passages; beam 0 at the start

@@ -195,10 +195,14 @@ class TrainRecipe:
         return evaluate_run(self.model, rows, self.cfg, nll=nll, progress=progress)
 
     def dev_report(self) -> dict:
-        """dev_* metrics and dev_score (train.best_metric); rank 0 evaluates, other ranks report NaN."""
-        if self.rank != 0:
+        """dev_* metrics and dev_score (train.best_metric); rank 0 evaluates, other ranks report NaN. A sharded
+        generator (train.parallel=fsdp) makes every model call a collective: then every rank evaluates alike and
+        only rank 0's metrics are reported."""
+        if self.rank != 0 and not self.trainer.sharded:
             return {"dev_score": float("nan")}
         dev, _ = self.evaluate(self.dev_rows)
+        if self.rank != 0:
+            return {"dev_score": float("nan")}
         out = {f"dev_{k}": v for k, v in dev.items() if v is not None}
         out["dev_score"] = dev_score(dev, self.cfg.train.best_metric)
         return out

@@ -7,6 +7,12 @@ How DDP meets the estimators: an estimator calls several RagModel methods per ba
 encoder, generator, sometimes twice, sometimes without gradient), so no single submodule's `forward` is "the"
 forward. `LossModule` registers the modules that train in the current phase and its `forward` runs the whole
 estimator loss; that module is what gets wrapped, so every gradient of the step flows through one DDP reducer.
+
+`train.parallel: fsdp` shards an hf-causal generator instead (torch's FSDP2 `fully_shard`, per decoder layer, in
+place: see HFCausalGenerator.shard) and leaves it out of the DDP-wrapped LossModule: its gradients are
+reduce-scattered by FSDP, the retrievers' still all-reduced by DDP. Its AdamW state is sharded too; trainer state
+stores it whole (gathered on every rank, re-sharded on load, so a run resumes with another number of workers), and
+the generator's checkpoint weights are gathered to rank 0 in `state_dict` (the adapters only, under LoRA).
 """
 from __future__ import annotations
 
@@ -144,6 +150,14 @@ class RagTrainer:
         self.own_objective = self.objective is not estimator      # the strategy's objective replaces estimator's
         if hasattr(self.objective, "prepare"):
             self.objective.prepare(model)      # e.g. adds the posterior encoder for vrag / jsa
+        self.parallel = getattr(train_cfg, "parallel", "ddp")
+        # one worker has nothing to shard over: the generator then trains as under ddp
+        self.sharded = self.parallel == "fsdp" and world_size > 1
+        if self.sharded:
+            if not hasattr(model.generator, "shard"):
+                raise ValueError(f"train.parallel=fsdp: the {type(model.generator).__name__} generator cannot be "
+                                 "sharded (hf-causal only); use train.parallel=ddp")
+            model.generator.shard()            # before the optimizer: sharding replaces the parameters
         self.anchor = None
         if getattr(train_cfg, "retriever_anchor_kl", 0.0) > 0:
             from pipeline.anchor import AnchoredObjective, RetrieverAnchor
@@ -220,7 +234,7 @@ class RagTrainer:
     def _loss_module(self, frozen: bool, gen_frozen: bool) -> nn.Module | None:
         """The (wrapped) LossModule over the modules that train now; rebuilt when the phase changes."""
         parts = {}
-        if not gen_frozen:
+        if not gen_frozen and not self.sharded:          # a sharded generator syncs its own gradients (FSDP)
             parts["generator"] = self.model.generator
         if not frozen:
             parts["query_encoder"] = self.model.query_encoder
@@ -259,6 +273,9 @@ class RagTrainer:
             answers = [r["answers"][0] for r in batch]
             # DDP all-reduces on the last micro-batch's backward only
             sync = micro == self.accum_steps - 1 or not hasattr(module, "no_sync")
+            if self.sharded:
+                # FSDP reduce-scatters on the last micro-batch's backward only, as DDP all-reduces
+                self.model.generator.model.set_requires_gradient_sync(micro == self.accum_steps - 1)
             with (contextlib.nullcontext() if sync else module.no_sync()), self._autocast():
                 if module is None:
                     loss, diag = LossModule(self.model, self.objective, {})(questions, answers, batch)
@@ -310,12 +327,16 @@ class RagTrainer:
         """Everything a resumed run needs besides the weights. With several workers this is a collective (every
         rank must call it): each rank's RNG and estimator state (JSA's caches) is gathered into `ranks`."""
         mine = self._rank_state()
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer = _full_optimizer_state(optimizer)
+            self.model.generator.gather_for_save(self.rank)      # for the checkpoint writer on rank 0
         if self.world_size > 1:
             ranks: list = [None] * self.world_size
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
-        return {"step": self.step_num, "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step_num, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "data": {"position": self.order.position(self.step_num), "seed": self.order.seed,
                          "num_examples": self.order.n, "examples_per_step": self.order.per_step},
@@ -327,6 +348,8 @@ class RagTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            _shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.anchor is not None and state.get("anchor"):
             self.anchor.load_state_dict(state["anchor"])     # the run's starting retriever, not the resumed one
@@ -388,5 +411,36 @@ def _mean_dicts(dicts: list[dict]) -> dict:
 
 
 def _grad_norm(params) -> float:
-    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    norms = [_full(p.grad.detach().norm()) for p in params if p.grad is not None]
     return float(torch.norm(torch.stack(norms))) if norms else 0.0
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective), a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _full_optimizer_state(state: dict) -> dict:
+    """The optimizer's state dict with every sharded (DTensor) value gathered whole, in CPU memory (a device never
+    holds more than one whole moment at a time): a collective, every rank walks the same parameters in the same
+    order."""
+    def whole(v):
+        return v.full_tensor().cpu() if hasattr(v, "full_tensor") else v
+
+    return {**state, "state": {i: {k: whole(v) for k, v in st.items()} for i, st in sorted(state["state"].items())}}
+
+
+def _shard_optimizer_state(optimizer) -> None:
+    """After loading whole values: shard each state tensor of a sharded parameter as the parameter is (every rank
+    holds the same whole value, so each keeps its own shard; no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not isinstance(p, DTensor) or not st:
+                continue
+            for k, v in st.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                              src_data_rank=None)

@@ -213,14 +213,18 @@ def _decode_group(gen, items: list[AnswerItem], thorough: bool, on_step=None) ->
     scores = torch.tensor([[p["score"] for p in row] for row in ps], dtype=torch.float32)
     model = SimpleNamespace(generator=gen)            # retrieval happened in the Retriever deployment
     questions = [gen.fit_question(it.question) for it in items]
+    # earlier chat turns reach a generator with a chat prompt (hf-causal with chat_template); others ignore them
+    used = getattr(gen, "uses_history", False)
+    histories = [it.history for it in items] if used and any(it.history for it in items) else None
     common = dict(k=first.k, num_beams=first.num_beams, max_len=first.max_new_tokens, candidates=cand,
-                  doc_scores=scores)
+                  doc_scores=scores, histories=histories)
     with torch.no_grad():
         if first.mode == "rag-sequence":
             answers = rag_sequence_decode(model, questions, thorough=thorough, **common)
         else:
             answers = rag_token_decode(model, questions, on_step=on_step, **common)
-    return [Answer(a.answer, a.score, [p.get("posterior") for p in a.passages]) for a in answers]
+    return [Answer(a.answer, a.score, [p.get("posterior") for p in a.passages],
+                   history_used=bool(used and it.history)) for a, it in zip(answers, items)]
 
 
 def _text_pieces(gen, ids_stream):
@@ -510,10 +514,10 @@ class Ingress:
         return HTTPException(500, errors.failure(what, rid))
 
     def _item(self, ref: ModelRef, req: AnswerRequest, k: int, rid: str,
-              retrieved: Retrieved | None = None) -> AnswerItem:
+              retrieved: Retrieved | None = None, history: tuple = ()) -> AnswerItem:
         req = request_defaults(req, ref)           # unset mode / num_beams: as the checkpoint was evaluated
         return AnswerItem(self._ref_dict(ref), req.question, req.mode, k, req.num_beams, req.max_new_tokens, rid,
-                          retrieved)
+                          retrieved, history)
 
     def _ref_dict(self, ref: ModelRef) -> dict:
         if self._ref_cache[0] is not ref:          # the active reference changes only on reload
@@ -602,22 +606,24 @@ class Ingress:
         rid = errors.request_id(request)
         ref = self.active
         oai.check_model(req.model, self.args.model_name, ref.model_version)
-        areq, ignored = oai.to_answer_request(req)
+        areq, earlier = oai.to_answer_request(req)
+        history = oai.chat_history(earlier)
         k = self._k(areq.k)
         if req.stream:
             retrieved = await self._retrieve(ref, areq.question, k, rid)
-            events = self.generator.options(stream=True).stream.remote(self._item(ref, areq, k, rid, retrieved))
-            final = lambda out: oai.extension(areq, ref, out, retrieved, ignored, rid)       # noqa: E731
+            events = self.generator.options(stream=True).stream.remote(
+                self._item(ref, areq, k, rid, retrieved, history))
+            final = lambda out: oai.extension(areq, ref, out, retrieved, earlier, rid)       # noqa: E731
             return StreamingResponse(oai.chunks(events, req.model, final, rid, _log_failure),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            out = await self.generator.answer.remote(self._item(ref, areq, k, rid))
+            out = await self.generator.answer.remote(self._item(ref, areq, k, rid, history=history))
         except Exception as exc:  # noqa: BLE001
             raise self._handle_error(exc, rid, "generation") from None
         if isinstance(out, ItemError):
             raise self._failed(out, rid)
         return oai.chat_completion(req.model, out.answer,
-                                   oai.extension(areq, ref, out, out.retrieved, ignored, rid), rid)
+                                   oai.extension(areq, ref, out, out.retrieved, earlier, rid), rid)
 
     @api.get("/v1/models")
     async def models(self) -> dict:

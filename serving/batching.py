@@ -49,6 +49,7 @@ class AnswerItem:
     max_new_tokens: int | None
     request_id: str = ""
     retrieved: Retrieved | ItemError | None = None      # None: the Generator asks the Retriever
+    history: tuple = ()          # earlier chat turns ({role, content}, oldest first): OpenAI route, chat generators
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Answer:
     posterior: list
     retrieved: Retrieved | None = None
     batch_size: int = 1
+    history_used: bool = False   # the item's earlier chat turns went into the generator's prompt
 
 
 def run_each(fn: Callable[[list], list], items: Sequence, what: str) -> list:

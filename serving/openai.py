@@ -10,9 +10,12 @@ What is supported. `model` is the server's `model_name` (default "latentrag") or
 `max_completion_tokens`) caps the answer (at most MAX_NEW_TOKENS); `n` must be 1 (decoding is deterministic beam
 search: n > 1 would be n copies); `temperature` and `seed` are accepted and have no effect, for the same reason;
 `top_p` 1, penalties 0, `stop` null and `logprobs` false are accepted as the no-ops they are. Any other parameter
-(tools, response_format, logit_bias, ...) is refused with 400 naming it. Earlier turns (system, assistant, older
-user messages) are not given to the generator: the copy-bart and seq2seq generators read one question over one
-passage and have no chat prompt, so `latentrag.history_used` is false and `latentrag.ignored_messages` counts them.
+(tools, response_format, logit_bias, ...) is refused with 400 naming it. Earlier turns (system, developer as system,
+assistant, older user messages) go into the prompt of a generator with a chat prompt (hf-causal with
+`chat_template: true`: they precede the user turn that holds the passage and the question; retrieval reads the last
+question alone; the oldest are left out when they would crowd the passage): then `latentrag.history_used` is true.
+The copy-bart and seq2seq generators read one question over one passage and have no chat prompt: there
+`history_used` is false and `latentrag.ignored_messages` counts the earlier messages (tool messages are never used).
 
 The RAG extension. Requests may carry `latentrag: {mode, k, num_beams, return_passages}` (the openai client sends
 it with `extra_body={"latentrag": {...}}`). Responses, and the final chunk of a stream (the one with
@@ -48,6 +51,7 @@ OWNED_BY = "latentrag"
 _OPENAI_PATH = re.compile(r"/v1/(chat/completions|models)(/|$)")
 HISTORY_NOTE = ("earlier turns are not used: this generator reads one question (the last user message) over "
                 "each retrieved passage and has no chat prompt")
+TOOL_NOTE = "tool messages are not used: this server calls no tools"
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -200,8 +204,8 @@ def check_model(name: str, model_name: str, model_version: str) -> None:
                           param="model", code="model_not_found")
 
 
-def to_answer_request(req: ChatCompletionRequest) -> tuple[AnswerRequest, int]:
-    """The app's AnswerRequest for a chat request, and how many earlier messages were left out. Raises
+def to_answer_request(req: ChatCompletionRequest) -> tuple[AnswerRequest, list[ChatMessage]]:
+    """The app's AnswerRequest for a chat request (the last message's question), and the earlier messages. Raises
     OpenAIError (400) for what this server cannot do, naming the parameter."""
     if not req.messages:
         raise OpenAIError(400, "'messages' must hold at least one message (the user's question last)",
@@ -240,7 +244,14 @@ def to_answer_request(req: ChatCompletionRequest) -> tuple[AnswerRequest, int]:
         e = errors.validation_details(exc.errors())[0]
         raise OpenAIError(400, f"messages[{len(req.messages) - 1}].content: {e['msg']}",
                           param=f"messages[{len(req.messages) - 1}].content", code="invalid_value") from None
-    return answer, len(req.messages) - 1
+    return answer, list(req.messages[:-1])
+
+
+def chat_history(earlier: list[ChatMessage]) -> tuple:
+    """The earlier turns a chat prompt can hold, oldest first: {role, content}, developer as system; tool messages
+    (answers to tool calls this server never makes) are left out."""
+    roles = {"developer": "system"}
+    return tuple({"role": roles.get(m.role, m.role), "content": m.text()} for m in earlier if m.role != "tool")
 
 
 # --------------------------------------------------------------------------------------------- response
@@ -254,12 +265,14 @@ def citations(retrieved, posterior: list | None) -> list[dict]:
     return out
 
 
-def extension(req: AnswerRequest, ref, out, retrieved, ignored: int, rid: str) -> dict:
+def extension(req: AnswerRequest, ref, out, retrieved, earlier: list[ChatMessage], rid: str) -> dict:
+    used = bool(getattr(out, "history_used", False))
+    ignored = sum(m.role == "tool" for m in earlier) if used else len(earlier)
     ext = {"mode": req.mode, "model_version": ref.model_version, "index_version": ref.index_version,
            "score": out.score, "passages": citations(retrieved, out.posterior) if req.return_passages else [],
-           "history_used": False, "ignored_messages": ignored, "request_id": rid}
+           "history_used": used, "ignored_messages": ignored, "request_id": rid}
     if ignored:
-        ext["note"] = HISTORY_NOTE
+        ext["note"] = TOOL_NOTE if used else HISTORY_NOTE
     return ext
 
 

@@ -109,6 +109,9 @@ class Generator(nn.Module):
     def encode_inputs(self, questions: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    #: whether `encode_inputs` takes `histories=` (earlier chat turns before each question): a chat prompt
+    uses_history = False
+
     def encode_targets(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

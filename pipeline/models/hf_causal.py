@@ -179,6 +179,11 @@ class HFCausalGenerator(Generator):
         if self.lora is not None:
             model = self._with_lora(model, adapter_dir, where)
         self.model = model
+        head = self._base().get_output_embeddings()
+        if head is not None:
+            # logits_to_keep hands the head a slice of the hidden states (not contiguous); with a frozen head (LoRA)
+            # torch's linear then runs as a bmm over an expanded weight, twice the time of one matmul on CPU
+            head.register_forward_pre_hook(_contiguous_input)
         self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         self._cache_arg = "cache" if "cache" in inspect.signature(self._base().forward).parameters \
             else "past_key_values"
@@ -269,34 +274,55 @@ class HFCausalGenerator(Generator):
             return []
         return [tok.bos_token_id]
 
-    def _render_text(self, question: str, passage: str) -> str:
+    @property
+    def uses_history(self) -> bool:
+        """Earlier chat turns go into the prompt with a chat template (they precede the user turn that holds the
+        passage and question); a plain prompt has no place for them."""
+        return self.chat_template
+
+    def _render_text(self, question: str, passage: str, history: tuple = ()) -> str:
         text = self.prompt_template.format(passage=passage, question=question)
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+            turns = [{"role": m["role"], "content": m["content"]} for m in history]
+            text = self.tokenizer.apply_chat_template(turns + [{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
         return text
 
-    def _render(self, question: str, passage: str) -> list[int]:
-        return self._render_many([question], [passage])[0]
+    def _render(self, question: str, passage: str, history: tuple = ()) -> list[int]:
+        return self._render_many([question], [passage], [history])[0]
 
-    def _render_many(self, questions: list[str], passages: list[str]) -> list[list[int]]:
-        texts = [self._render_text(q, p) for q, p in zip(questions, passages)]
+    def _render_many(self, questions: list[str], passages: list[str], histories=None) -> list[list[int]]:
+        histories = histories or [()] * len(questions)
+        texts = [self._render_text(q, p, h) for q, p, h in zip(questions, passages, histories)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [self._prefix + row for row in ids]
+
+    def fit_history(self, question: str, history) -> tuple:
+        """The newest earlier turns that fit: the oldest go first until the prompt without its passage leaves the
+        passage at least what it has without history (half of what the template leaves). `question` is already
+        cut to `question_budget()`."""
+        history = tuple(history or ())
+        if not history or not self.uses_history:
+            return ()
+        limit = self.max_source_length - self.question_budget()
+        while history and len(self._render(question, "", history)) > limit:
+            history = history[1:]
+        return history
 
     def question_budget(self) -> int:
         """Half of what the template leaves of max_source_length: the passage always has the other half."""
         return max(1, (self.max_source_length - self._template_tokens) // 2)
 
-    def _prompts(self, questions: list[str], passages: list[str]) -> list[list[int]]:
+    def _prompts(self, questions: list[str], passages: list[str], histories=None) -> list[list[int]]:
         """Prompt ids of at most max_source_length tokens; an over-long prompt loses the end of its passage."""
         limit = self.max_source_length
-        prompts = self._render_many(questions, passages)
+        histories = histories or [()] * len(questions)
+        prompts = self._render_many(questions, passages, histories)
         over = [i for i, p in enumerate(prompts) if len(p) > limit]
         if not over:
             return prompts
         tok = self.tokenizer
-        bare = self._render_many([questions[i] for i in over], [""] * len(over))
+        bare = self._render_many([questions[i] for i in over], [""] * len(over), [histories[i] for i in over])
         enc = tok([passages[i] for i in over], add_special_tokens=False, return_offsets_mapping=tok.is_fast)
         for j, i in enumerate(over):
             budget = limit - len(bare[j])
@@ -308,7 +334,7 @@ class HFCausalGenerator(Generator):
                     cut = passages[i][:enc["offset_mapping"][j][min(budget, len(ids)) - 1][1]]
                 else:
                     cut = tok.decode(ids[:budget])
-                prompt = self._render(questions[i], cut)
+                prompt = self._render(questions[i], cut, histories[i])
                 # tokens can merge differently across the cut: shrink until the whole prompt fits
                 if len(prompt) <= limit or budget <= 0:
                     break
@@ -319,9 +345,15 @@ class HFCausalGenerator(Generator):
             prompts[i] = prompt
         return prompts
 
-    def encode_inputs(self, questions, passages):
+    def encode_inputs(self, questions, passages, histories=None):
+        """`histories`: per row, the earlier chat turns ({role, content}, oldest first) before the question, with a
+        chat template (see `fit_history`); ignored without one."""
         questions = [self.fit_question(q) for q in questions]
-        prompts = self._prompts(questions, list(passages))
+        if histories is not None and self.uses_history:
+            histories = [self.fit_history(q, h) for q, h in zip(questions, histories)]
+        else:
+            histories = None
+        prompts = self._prompts(questions, list(passages), histories)
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -400,6 +432,44 @@ class HFCausalGenerator(Generator):
             state["cache"], state["cache_prefix"] = cache, prefix
         return torch.log_softmax(_at_least_fp32(logits[:, -1]), -1)
 
+    # ------------------------------------------------------------------------------------------ sharding (FSDP2)
+    # `train.parallel: fsdp`: torch's FSDP2 `fully_shard` on every decoder layer and on the peft/transformers model
+    # (in place: the generator keeps its methods, each model call all-gathers a layer's weights just in time and
+    # frees them after). Every parameter becomes a DTensor holding 1/world of it; under LoRA the frozen base is
+    # sharded too and only the adapters get gradients (FSDP2 keeps the original parameters, frozen ones included,
+    # which is what FSDP1 needed use_orig_params for). Model calls are then collectives: every rank must make the
+    # same calls (training steps do; evaluation runs on every rank).
+    @property
+    def is_sharded(self) -> bool:
+        return getattr(self, "_sharded", False)
+
+    def shard(self, mesh=None) -> "HFCausalGenerator":
+        """Shard the model over the default process group (or `mesh`). Call it before building the optimizer: the
+        parameters are replaced by sharded ones."""
+        from torch.distributed.fsdp import fully_shard
+
+        base = self._base()
+        layers = getattr(getattr(base, "model", None), "layers", None)          # Llama, Qwen2, Mistral
+        if layers is None:
+            layers = getattr(getattr(base, "transformer", None), "h", None)    # GPT-2
+        for layer in layers or ():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded, self._gathered = True, None
+        return self
+
+    def gather_for_save(self, rank: int) -> None:
+        """A collective (every rank calls it): the full values of what `save` writes (the adapters under LoRA, else
+        the whole model) are gathered to CPU on rank 0 and kept for the next `save`."""
+        state = {}
+        for name, value in self.model.state_dict().items():
+            if self.lora is not None and "lora_" not in name:
+                continue                                      # the frozen base is never saved with adapters
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if rank == 0:
+                state[name] = full.detach().cpu().clone()
+        self._gathered = state if rank == 0 else None
+
     # ------------------------------------------------------------------------------------------ saving
     def settings(self) -> dict:
         return {"kind": "hf-causal", "base": self.name_or_path if _is_referenceable(self.name_or_path) else None,
@@ -410,14 +480,21 @@ class HFCausalGenerator(Generator):
 
     def save(self, out_dir):
         out_dir = Path(out_dir)
+        gathered = {}
+        if self.is_sharded:
+            # the local shards are 1/world of each weight: write the full values gathered on every rank
+            if self._gathered is None:
+                raise RuntimeError("a sharded generator saves what gather_for_save() collected: call it on every "
+                                   "rank first, then save on rank 0")
+            gathered, self._gathered = {"state_dict": self._gathered}, None
         out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(out_dir / "tokenizer")
         if self.lora is not None:
-            self.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+            self.model.save_pretrained(out_dir / "adapter", safe_serialization=True, **gathered)
             for base in self._bundled_base:
                 base.save_pretrained(out_dir / "base", safe_serialization=True)
         else:
-            self.model.save_pretrained(out_dir / "model", safe_serialization=True)
+            self.model.save_pretrained(out_dir / "model", safe_serialization=True, **gathered)
         (out_dir / "generator.json").write_text(json.dumps(self.settings(), indent=2))
 
     @classmethod
@@ -464,6 +541,10 @@ class HFCausalGenerator(Generator):
             {"prompt_template": self.prompt_template, "chat_template": self.chat_template,
              "max_source_length": self.max_source_length, "answer_separator": self._answer_sep}, indent=2))
         return out_dir
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
