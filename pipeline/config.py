@@ -121,6 +121,7 @@ class GeneratorConfig:
     encoder: str = "bart"              # copy-bart's encoder: bart (its own, d_model wide) | a pretrained encoder
                                        # (minilm: the retriever's all-MiniLM-L6-v2 reads; d_model = its width)
     encoder_train_layers: int = -1     # a pretrained encoder: only its top N layers train (-1 = all; 0 = frozen)
+    encoder_lr: float = 1e-4           # a pretrained encoder's learning rate (generator.lr is the decoder's and heads')
     d_model: int = 128
     encoder_layers: int = 2
     decoder_layers: int = 2

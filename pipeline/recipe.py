@@ -148,7 +148,7 @@ class TrainRecipe:
         self.trainer = RagTrainer(self.model, estimator, self.train_rows, cfg.train,
                                   cfg.retriever.lr if cfg.retriever.train_query_encoder else 0.0, cfg.generator.lr,
                                   rank=self.rank, world_size=self.world_size, data_source=source, wrap=self.wrap,
-                                  autocast=self.autocast)
+                                  autocast=self.autocast, generator_encoder_lr=cfg.generator.encoder_lr)
         if state is not None:
             self.trainer.load_state_dict(state)
             self.resumed_from = self.trainer.step_num

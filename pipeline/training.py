@@ -129,7 +129,8 @@ class RagTrainer:
 
     def __init__(self, model, estimator, train_rows: list[dict], train_cfg, retriever_lr: float,
                  generator_lr: float, rank: int = 0, world_size: int = 1, data_source: str = "the training data",
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, autocast: str | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, autocast: str | None = None,
+                 generator_encoder_lr: float | None = None):
         """`wrap`: makes a LossModule distributed (DDP); jobs pass `ray.train.torch.prepare_model`, the default
         wraps in DDP when a torch process group of more than one rank is up. `autocast`: a device type ("cuda",
         "cpu") to run the forward under bf16 autocast, or None for fp32."""
@@ -193,8 +194,17 @@ class RagTrainer:
             # the retrievers' schedule starts when the generator warm-up (or phase 1) ends
             return 0.0 if s < start else lr_multiplier(s - start, warm, total - start, decay)
 
-        groups = [{"params": self.generator_params, "lr": generator_lr, "name": "generator"}]
+        # a generator's pretrained encoder (copy-bart reading through MiniLM) trains at its own, smaller rate
+        pretrained = {id(p) for p in getattr(model.generator, "pretrained_parameters", list)()}
+        if generator_encoder_lr is None or not pretrained:
+            pretrained = set()
+        groups = [{"params": [p for p in self.generator_params if id(p) not in pretrained], "lr": generator_lr,
+                   "name": "generator"}]
         schedules = [gen_schedule]
+        if pretrained:
+            groups.append({"params": [p for p in self.generator_params if id(p) in pretrained],
+                           "lr": generator_encoder_lr, "name": "generator_encoder"})
+            schedules.append(gen_schedule)
         self.train_retriever = retriever_lr > 0
         if self.train_retriever:
             groups.append({"params": self.retriever_params, "lr": retriever_lr, "name": "retriever"})

@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.models.retriever import resolve_encoder_path
 
 _LOG_EPS = float(torch.log(torch.tensor(1e-12)))      # what CopyBart._mix gives a token with no mass
+_NO_STOP = -1e4                                         # copy-bart's stop-slot logit where no span can end
 
 
 def _load_tokenizer(name_or_path: str):
@@ -96,6 +97,10 @@ class Generator(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n not in self._frozen]
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of a pretrained part, which train at `generator.encoder_lr`."""
+        return []
 
     @property
     def tokenizer(self):
@@ -250,10 +255,15 @@ class CopyBart(Generator):
         nn.init.normal_(self.copy_prev_key.weight, std=0.02)
         # With a pretrained encoder, the first answer token also gets an extractive reader's start logit, a linear
         # function of each source state: where an answer starts is what such encoders learn to read fastest.
-        self.start_head = nn.Linear(d_model, 1) if self.text_encoder is not None else None
-        if self.start_head is not None:
-            nn.init.zeros_(self.start_head.weight)
-            nn.init.zeros_(self.start_head.bias)
+        # ... and the copy attention gets one more slot, "stop here" (it emits EOS), scored by an end logit of the
+        # source position just copied: an extractive reader's end head. Answers then end where spans end without
+        # the decoder having to learn it through the vocabulary head.
+        self.start_head = self.end_head = None
+        if self.text_encoder is not None:
+            self.start_head, self.end_head = nn.Linear(d_model, 1), nn.Linear(d_model, 1)
+            for head in (self.start_head, self.end_head):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def set_output_tokens(self, output_token_ids: list[int] | None) -> None:
         """Point the vocabulary head at these token ids (None: every token). The head is tied to the input
@@ -284,6 +294,12 @@ class CopyBart(Generator):
             raise ValueError(f"{file}: generator weights do not fit its config "
                              f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
         self._tie_embeddings()
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        if self.text_encoder is None:
+            return []
+        ids = {id(p) for p in self.text_encoder.parameters()}
+        return [p for p in self.trainable_parameters() if id(p) in ids]
 
     def _frozen_encoder_names(self, train_layers: int) -> set[str]:
         """The pretrained encoder's parameters below its top `train_layers` layers (-1: none frozen). Frozen
@@ -345,7 +361,7 @@ class CopyBart(Generator):
         return encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
 
     def _heads(self, inputs, enc, decoder_input_ids):
-        """Decoder states -> (vocab logits [N,t,V], copy attention [N,t,S], p_gen [N,t,1])."""
+        """Decoder states -> (vocab logits [N,t,V], copy attention [N,t,S], p_gen [N,t,1], stop [N,t,1] or None)."""
         dec = self.bart.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
                                 encoder_attention_mask=inputs["attention_mask"]).last_hidden_state
         return self._heads_from_states(inputs, enc, dec, decoder_input_ids)
@@ -357,24 +373,37 @@ class CopyBart(Generator):
         before = torch.cat([torch.full_like(ids[:, :1], self.tokenizer.pad_token_id), ids[:, :-1]], 1)
         keys = self.copy_key(enc) + self.copy_prev_key(self.bart.shared(before))
         copyable = inputs["attention_mask"].bool() & ids.ne(self._bos) & ids.ne(self._eos)
-        start = self.start_head(enc).squeeze(-1) if self.start_head is not None else None
-        return keys, before, copyable, start
+        ends = None
+        if self.start_head is not None:
+            # [N, S, 2]: the start logit of position i, and the end logit of position i - 1 (the token just copied
+            # when position i would continue the span)
+            end = self.end_head(enc).squeeze(-1)
+            ends = torch.stack([self.start_head(enc).squeeze(-1),
+                                torch.cat([end.new_full((end.size(0), 1), _NO_STOP), end[:, :-1]], 1)], -1)
+        return keys, before, copyable, ends
 
     def _heads_from_states(self, inputs, enc, dec, previous_tokens, copy_parts=None):
         """`previous_tokens` [N, t]: the token fed to the decoder at each position (the last one emitted).
         `copy_parts`: `_copy_parts(inputs, enc)` when already computed (decoding computes it once)."""
         vocab_logits = F.linear(dec, self.bart.shared.weight.index_select(0, self.out_ids))
-        keys, before, copyable, start = copy_parts if copy_parts is not None else self._copy_parts(inputs, enc)
+        keys, before, copyable, ends = copy_parts if copy_parts is not None else self._copy_parts(inputs, enc)
         scores = self.copy_query(dec) @ keys.transpose(1, 2) / math.sqrt(dec.size(-1))
         emitted = previous_tokens.unsqueeze(-1)                                         # [N, t, 1]
         continues = before.unsqueeze(1).eq(emitted) & emitted.ne(self._bos) & emitted.ne(self.tokenizer.pad_token_id)
         scores = scores + self.span_bias * continues.to(scores.dtype)
-        if start is not None:                                                          # first answer token
-            scores = scores + emitted.eq(self._bos).to(scores.dtype) * start.unsqueeze(1)
         scores = scores.masked_fill(~copyable.unsqueeze(1), float("-inf"))
-        attn = torch.softmax(scores, dim=-1)
+        if ends is None:
+            attn = torch.softmax(scores, dim=-1)
+            return vocab_logits, attn, torch.sigmoid(self.gate(torch.cat([dec, attn @ enc], -1))), None
+        first = emitted.eq(self._bos).to(scores.dtype)                                 # [N, t, 1]
+        scores = scores + first * ends[..., 0].unsqueeze(1)
+        # stop slot: the end logits of the positions the span would continue at (-inf when none: nothing copied)
+        # (a finite floor, not -inf: logsumexp over nothing but -inf has a NaN gradient)
+        stop = ends[..., 1].unsqueeze(1).masked_fill(~continues, _NO_STOP).logsumexp(-1, keepdim=True)
+        attn = torch.softmax(torch.cat([scores, stop], -1), dim=-1)
+        attn, stop_prob = attn[..., :-1], attn[..., -1:]
         p_gen = torch.sigmoid(self.gate(torch.cat([dec, attn @ enc], -1)))
-        return vocab_logits, attn, p_gen
+        return vocab_logits, attn, p_gen, stop_prob
 
     @staticmethod
     def _mix(vocab_prob, copy_prob, p_gen):
@@ -387,7 +416,7 @@ class CopyBart(Generator):
 
     def token_logprobs(self, inputs, labels):
         enc = self._encode(inputs)
-        vocab_logits, attn, p_gen = self._heads(inputs, enc, self._shift_right(labels))
+        vocab_logits, attn, p_gen, stop_prob = self._heads(inputs, enc, self._shift_right(labels))
         target = labels.clamp_min(0)
         # only the target tokens' probabilities: no [N, T, V] copy distribution is materialised
         position = self.out_position[target].unsqueeze(-1)                                        # [N, T, 1]
@@ -395,6 +424,8 @@ class CopyBart(Generator):
         vocab_prob = vocab_prob.masked_fill(position.lt(0), 0.0)                                  # copy-only token
         same = inputs["input_ids"].unsqueeze(1).eq(target.unsqueeze(-1)).to(attn.dtype)           # [N, T, S]
         copy_prob = (attn * same).sum(-1, keepdim=True)
+        if stop_prob is not None:
+            copy_prob = copy_prob + stop_prob * target.eq(self._eos).unsqueeze(-1).to(stop_prob.dtype)
         out = self._mix(vocab_prob, copy_prob, p_gen).squeeze(-1)
         return out.masked_fill(labels.eq(self.tokenizer.pad_token_id) | labels.eq(-100), 0.0)
 
@@ -425,9 +456,9 @@ class CopyBart(Generator):
 
     def start_decoding(self, inputs):
         enc = self._encode_by_length(inputs)
-        keys, before, copyable, start = self._copy_parts(inputs, enc)
+        keys, before, copyable, ends = self._copy_parts(inputs, enc)
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "enc": enc,
-                "copy_keys": keys, "copy_before": before, "copyable": copyable, "copy_start": start, "cache": None,
+                "copy_keys": keys, "copy_before": before, "copyable": copyable, "copy_ends": ends, "cache": None,
                 "cache_prefix": None}
 
     decode_floor = _LOG_EPS
@@ -453,9 +484,9 @@ class CopyBart(Generator):
         if use_cache:
             state["cache"], state["cache_prefix"] = getattr(out, cache_arg), prefix
         dec = out.last_hidden_state[:, -1:]
-        copy_parts = (state["copy_keys"], state["copy_before"], state["copyable"], state.get("copy_start")) \
+        copy_parts = (state["copy_keys"], state["copy_before"], state["copyable"], state.get("copy_ends")) \
             if "copy_keys" in state else None
-        vocab_logits, attn, p_gen = self._heads_from_states(state, enc, dec, prefix[:, -1:], copy_parts)
+        vocab_logits, attn, p_gen, stop_prob = self._heads_from_states(state, enc, dec, prefix[:, -1:], copy_parts)
         # log p over the whole vocabulary, but the mixture and its log only where a token can have mass (the
         # vocabulary head's tokens and the source's); every other token gets log(1e-12), as `_mix` gives it.
         n, vocab, src = dec.size(0), len(self.out_position), state["input_ids"]
@@ -465,6 +496,8 @@ class CopyBart(Generator):
         src_position = self.out_position[src]                                           # [N, S], -1: copy only
         src_vocab = vocab_prob.gather(1, src_position.clamp_min(0)).masked_fill(src_position.lt(0), 0.0)
         table = dec.new_zeros(n, vocab).scatter_add_(-1, src, attn)                     # copy probabilities
+        if stop_prob is not None:
+            table[:, self._eos] += stop_prob[:, 0, 0]
         copy_prob = table.gather(1, cols)
         mixed = self._mix(torch.cat([vocab_prob, src_vocab], 1), copy_prob, p_gen)
         return table.fill_(_LOG_EPS).scatter_(1, cols, mixed)
