@@ -1,0 +1,99 @@
+"""The exact marginal over the whole knowledge base, and the estimators measured against it (issue 22).
+
+The tiny "model" is test_estimators.fake_model: a real RagModel whose encoders and generator are lookup tables over
+N_PASSAGES = 6 passages (double precision), so brute force is a loop over six passages.
+"""
+import numpy as np
+import pytest
+import torch
+from test_estimators import N_PASSAGES, _fd_check, fake_model, seq_loglik
+from testlib import ANSWERS, PASSAGES
+
+from pipeline.config import ConfigError, EstimatorConfig, GeneratorConfig, load_config
+from pipeline.estimators import build_estimator
+from pipeline.index import ArrayIndex, passage_text
+from pipeline.models.generator import build_generator
+from pipeline.models.retriever import TextEncoder
+from pipeline.rag import RagModel
+from pipeline.training import RagTrainer
+
+
+def brute_force_nll(model, q: int) -> float:
+    """-log sum_z p(z|x) p(y|x,z), one passage at a time."""
+    prior = torch.softmax(model.query_encoder.table[q].detach(), 0)
+    lik = seq_loglik(model, q).exp()
+    return -float(torch.log(sum(prior[z] * lik[z] for z in range(N_PASSAGES))))
+
+
+# ------------------------------------------------------------------------------------------------ exact
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_exact_marginal_equals_brute_force(chunk):
+    model = fake_model(11)
+    est = build_estimator("exact", k=2, cfg=EstimatorConfig(exact_chunk_size=chunk))
+    out = est.loss(model, ["q0", "q1"], ["a", "a"])
+    expected = np.mean([brute_force_nll(model, q) for q in range(2)])
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    assert out.diagnostics["gen_rows_per_example"] == N_PASSAGES
+    assert 0.0 < out.diagnostics["posterior_mass_in_prior_topk"] < 1.0      # top-2 of 6 misses some of it
+
+
+def test_exact_marginal_equals_brute_force_on_a_real_generator_and_minilm():
+    """Six real passages, the MiniLM retriever and a copy-bart generator: the chunked, checkpointed exact marginal
+    and its gradient equal one pair_logprobs call per passage summed by hand."""
+    encoder = TextEncoder("minilm")
+    texts = [passage_text(p["title"], p["text"]) for p in PASSAGES]
+    index = ArrayIndex(encoder.encode(texts).numpy(), ids=[p["id"] for p in PASSAGES],
+                       texts=[p["text"] for p in PASSAGES], titles=[p["title"] for p in PASSAGES])
+    torch.manual_seed(0)
+    gen = build_generator(GeneratorConfig(dropout=0.0, d_model=32, ffn_dim=64, encoder_layers=1, decoder_layers=1,
+                                          attention_heads=2, init="random"), ANSWERS)
+    model = RagModel(encoder, gen, index, tau=0.05).eval()
+    questions, answers = ["Where was Varnel Ostrik born?", "What does Tamsin Vey keep?"], ["Meridale", "bees"]
+    params = list(model.parameters())
+
+    def grads():
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+    model.zero_grad()
+    out = build_estimator("exact", cfg=EstimatorConfig(exact_chunk_size=4)).loss(model, questions, answers)
+    out.loss.backward()
+    ours = grads()
+    model.zero_grad()
+    total = 0.0
+    for question, answer in zip(questions, answers):
+        scores = model.score_rows(model.query_encoder([question]), np.arange(len(PASSAGES))[None, :])[0]
+        log_prior = torch.log_softmax(scores, -1)
+        terms = []
+        for z in range(len(PASSAGES)):                         # one passage at a time
+            lp, mask = model.pair_logprobs([question], [model.row_text(z)], [answer])
+            terms.append(log_prior[z] + (lp * mask).sum())
+        total = total - torch.logsumexp(torch.stack(terms), 0) / len(questions)
+    total.backward()
+    assert out.loss.item() == pytest.approx(total.item(), abs=1e-6)
+    assert torch.allclose(ours, grads(), atol=1e-6, rtol=1e-4)
+    assert float(grads().abs().sum()) > 0
+
+
+def test_exact_gradient_matches_finite_differences():
+    model = fake_model(12)                              # its posterior table gets no gradient: not checked
+    est = build_estimator("exact", cfg=EstimatorConfig(exact_chunk_size=4))     # 12 pairs: three chunks
+    checked = _fd_check(model, lambda: est.loss(model, ["q0", "q1"], ["a", "a"]).loss, coords=8)
+    assert checked == 16                                  # the prior table and the generator table both checked
+
+
+def test_exact_refuses_an_index_above_the_limit_before_any_work():
+    model = fake_model(13)
+    calls = []
+    original = model.generator.token_logprobs
+    model.generator.token_logprobs = lambda *a: calls.append(1) or original(*a)
+    est = build_estimator("exact", cfg=EstimatorConfig(exact_max_passages=N_PASSAGES - 1))
+    with pytest.raises(ValueError, match=r"index holds 6 passages, more than estimator\.exact_max_passages=5.*"
+                                         r"Raise estimator\.exact_max_passages"):
+        est.loss(model, ["q0"], ["a"])
+    with pytest.raises(ValueError, match=r"estimator\.exact_max_passages"):      # a trainer refuses it at set-up
+        RagTrainer(model, est, [{"question": "q0", "answers": ["a"]}], load_config(None, []).train, 0.1, 0.1)
+    assert calls == []
+    at_limit = build_estimator("exact", cfg=EstimatorConfig(exact_max_passages=N_PASSAGES))
+    assert torch.isfinite(at_limit.loss(model, ["q0"], ["a"]).loss) and calls
+    with pytest.raises(ConfigError, match=r"^estimator\.exact_chunk_size: must be >= 1, got 0$"):
+        load_config(None, ["estimator.exact_chunk_size=0"])
