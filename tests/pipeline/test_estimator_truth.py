@@ -97,3 +97,74 @@ def test_exact_refuses_an_index_above_the_limit_before_any_work():
     assert torch.isfinite(at_limit.loss(model, ["q0"], ["a"]).loss) and calls
     with pytest.raises(ConfigError, match=r"^estimator\.exact_chunk_size: must be >= 1, got 0$"):
         load_config(None, ["estimator.exact_chunk_size=0"])
+
+
+# -------------------------------------------------------------------------------- estimators vs the truth
+def _grad(model, params, loss_fn) -> torch.Tensor:
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def _monte_carlo(model, params, est, groups: int, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean gradient over groups x copies independent estimates (each group one batch of `copies` copies of q0 and
+    q1, its own seed) and the standard error of that mean per coordinate (spread of the group means)."""
+    means = []
+    for g in range(groups):
+        torch.manual_seed(1000 + g)
+        means.append(_grad(model, params, lambda: est.loss(model, ["q0", "q1"] * copies, ["a", "a"] * copies).loss))
+    means = torch.stack(means)
+    return means.mean(0), means.std(0) / groups ** 0.5
+
+
+def test_sampled_vrag_mean_gradient_is_the_enumerated_elbo_gradient():
+    """4,000 score-function estimates (3 samples each from q over the posterior top-3): their mean gradient (prior,
+    posterior and generator tables, 48 coordinates) is within 5 standard errors of the enumerated ELBO gradient in
+    every coordinate; the Monte-Carlo error of the mean is about 1.2% of the gradient's norm (measured: relative
+    error 0.009). One estimate alone is far off: the test is about the mean, not a copy of the enumerated loss."""
+    model = fake_model(4)
+    params = [model.query_encoder.table, model.posterior_encoder.table, model.generator.logits]
+    cfg = dict(vrag_beta=0.7)
+    enumerated = _grad(model, params, lambda: build_estimator("vrag", k=3, cfg=EstimatorConfig(**cfg)).loss(
+        model, ["q0", "q1"], ["a", "a"]).loss)
+    sampled = build_estimator("vrag", k=3, cfg=EstimatorConfig(**cfg, vrag_mode="sampled", vrag_num_samples=3))
+    mean, se = _monte_carlo(model, params, sampled, groups=20, copies=100)
+    z = (mean - enumerated).abs() / se.clamp_min(1e-12)
+    assert float(z.max()) < 5.0, z
+    assert float((mean - enumerated).norm() / enumerated.norm()) < 0.05
+    assert float(se.norm() / enumerated.norm()) < 0.03                          # the error stated above
+    torch.manual_seed(0)
+    one = _grad(model, params, lambda: sampled.loss(model, ["q0", "q1"], ["a", "a"]).loss)
+    assert float((one - enumerated).norm() / enumerated.norm()) > 0.1          # it really samples
+    out = sampled.loss(model, ["q0", "q1"], ["a", "a"])
+    assert out.diagnostics["distinct_samples"] <= 3 and out.diagnostics["kl"] >= 0
+
+
+def test_sampled_vrag_settings_are_validated():
+    with pytest.raises(ConfigError, match=r"^estimator\.vrag_mode: 'reinforce'; choose enumerated or sampled$"):
+        load_config(None, ["estimator.vrag_mode=reinforce"])
+    with pytest.raises(ConfigError, match=r"^estimator\.vrag_num_samples: must be >= 1, got 0$"):
+        load_config(None, ["estimator.vrag_num_samples=0"])
+    assert load_config(None, []).estimator.vrag_mode == "enumerated"
+
+
+def test_jsa_mean_gradient_approaches_the_exact_gradient_as_chains_grow():
+    """K = all six passages, so JSA's C (prior top-K ∪ posterior top-K) is the whole knowledge base and its p(z|x)
+    the true prior: the chain's stationary law is the true posterior p(z|x,y), and by Fisher's identity the expected
+    prior and generator gradient of a chain's states tends to the exact -grad log p(y|x) as its length n grows (no
+    cache: every chain starts from a q sample, the bias of the time average decays like 1/n). 2,000 chains per n;
+    the Monte-Carlo error of each mean is under 10% of the exact gradient's norm (measured 8% at n=1, 1.5% at
+    n=64; relative errors about 1.0, 0.45, 0.12, 0.03 at n = 1, 4, 16, 64)."""
+    model = fake_model(4)
+    params = [model.query_encoder.table, model.generator.logits]
+    exact = _grad(model, params, lambda: build_estimator("exact").loss(model, ["q0", "q1"], ["a", "a"]).loss)
+    errors, mc = [], []
+    for n in (1, 4, 16, 64):
+        est = build_estimator("jsa", k=N_PASSAGES, cfg=EstimatorConfig(jsa_num_proposals=n, jsa_cache=False))
+        mean, se = _monte_carlo(model, params, est, groups=10, copies=100)
+        errors.append(float((mean - exact).norm() / exact.norm()))
+        mc.append(float(se.norm() / exact.norm()))
+    assert max(mc) < 0.1, mc
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+    assert errors[3] < 0.3 * errors[1] and errors[3] < 0.1, (errors, mc)
