@@ -14,7 +14,7 @@ query encoder) and the generator. Deterministic estimators have zero variance. P
 
 `--truth` (issue 22) measures every estimator against the exact gradient over the whole knowledge base instead:
 
-    latentrag bench estimator --truth                  # default and alt KB, ~25 min of one core
+    latentrag bench estimator --truth                  # default and alt KB: 24 min wall, 13.5 CPU-min, 1 thread
     .venv/bin/python benchmarks/estimator_bench.py --truth --kbs default --truth-steps 60 --truth-states 0 20 40 60
 
 For the same model states (the start and checkpoints of a real rag-sequence training run of `--truth-steps` steps
