@@ -36,3 +36,30 @@ def test_bm25_baseline_finds_the_passage_that_shares_the_words():
     assert r["recall@1"] == 1.0
     assert canonical_answer("Yes.") == "yes" and canonical_answer("NO") == "no"
     assert canonical_answer("Harbour Academy") == "Harbour Academy"
+
+
+def test_truth_bench_statistics_match_direct_computation():
+    """--truth streams gradients (a retriever gradient has ~22M entries); its statistics equal those of the stacked
+    vectors: cosine and relative error of the mean, tr Cov / ||g*||^2, and the Monte-Carlo error of the mean."""
+    import torch
+
+    from benchmarks.estimator_bench import GradStats, truth_runs
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(50, generator=g, dtype=torch.float64)
+    samples = exact + 0.3 + torch.randn(7, 50, generator=g, dtype=torch.float64)      # biased and noisy
+    stats = GradStats()
+    for s in samples:
+        stats.add(s)
+    r = stats.against(exact)
+    mean = samples.mean(0)
+    assert abs(r["cos"] - torch.nn.functional.cosine_similarity(mean, exact, 0).item()) < 1e-12
+    assert abs(r["rel_err_mean"] - float((mean - exact).norm() / exact.norm())) < 1e-12
+    assert abs(r["rel_var"] - float(samples.var(0, unbiased=True).sum() / exact.pow(2).sum())) < 1e-9
+    assert abs(r["mc_error_of_mean"] ** 2 - r["rel_var"] / 7) < 1e-12 and r["repeats"] == 7
+    # equal compute: K rows per example for every estimator, then rag-sequence at the other K of the sweep
+    runs = {label: (name, over, k) for label, name, over, k in truth_runs(["rag-sequence", "vrag-sampled", "jsa"], 5,
+                                                                         [2, 5, 20])}
+    assert runs["vrag-sampled"] == ("vrag", {"vrag_mode": "sampled", "vrag_num_samples": 5}, 5)
+    assert runs["jsa"][1]["jsa_num_proposals"] == 5 and set(runs) == {"rag-sequence", "vrag-sampled", "jsa",
+                                                                      "rag-sequence K=2", "rag-sequence K=20"}

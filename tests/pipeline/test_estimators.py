@@ -37,7 +37,7 @@ from pipeline.training import RagTrainer
 
 N_PASSAGES, T = 6, 2
 ALL = sorted(REGISTRY)                                       # every registered estimator, no list kept by hand
-EXACT_GRADIENT = ["rag-sequence", "rag-token", "vrag", "jsa"]   # no stop-gradient inside their losses
+EXACT_GRADIENT = ["rag-sequence", "rag-token", "vrag", "jsa", "exact"]   # no stop-gradient inside their losses
 
 
 class FakeEncoder(nn.Module):
