@@ -35,6 +35,7 @@ from benchmarks.common import cached_index  # noqa: E402
 from benchmarks.estimator_bench import measure_estimator  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data import GoldPassages  # noqa: E402
 from pipeline.estimators import build_estimator  # noqa: E402
 from pipeline.metrics import normalize_answer, recall_at_k  # noqa: E402
 from pipeline.models.assembly import build_model  # noqa: E402
@@ -102,7 +103,8 @@ def bm25_recall(passages, test) -> dict:
     docs, _ = retriever.retrieve(bm25s.tokenize([r["question"] for r in test], stopwords="en", show_progress=False),
                                  k=k, show_progress=False)
     ids = [[str(passages[int(j)]["id"]) for j in row] for row in docs]
-    gold = [r.get("gold_passage_ids") for r in test]
+    gold_of = GoldPassages(p["id"] for p in passages)
+    gold = [gold_of.passages(r.get("gold_passage_ids")) for r in test]
     return {f"recall@{kk}": recall_at_k(ids, gold, kk) for kk in (1, 5, 20)}
 
 

@@ -32,8 +32,8 @@ from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import open_search_index
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
-from pipeline.data import (DataError, chunk_passages, read_corpus, read_manifest, read_qa, write_json, write_jsonl,
-                           write_passages)
+from pipeline.data import (DataError, GoldPassages, chunk_passages, iter_passage_batches, read_corpus,
+                           read_manifest, read_qa, write_json, write_jsonl, write_passages)
 from pipeline.estimators.registry import STRATEGIES, estimator_help, objective_for, strategy_names
 from pipeline.index import load_index, read_manifest as read_index_manifest
 from pipeline.models import hf_causal
@@ -212,6 +212,22 @@ def prepare_passages(corpus: str, output_dir: Path, cfg: Config) -> Path:
     """An ingested passages directory: `corpus` itself when it already is one, else ingest it."""
     existing, rows, _ = read_passage_source(corpus, cfg)
     return existing if existing is not None else write_passage_rows(rows, output_dir)
+
+
+def check_gold_ids(cfg: Config, passage_ids, train_rows, dev_rows, eval_rows) -> None:
+    """Every gold id of the QA files must name a corpus row (`GoldPassages.check`): refused before encoding."""
+    gold = GoldPassages(passage_ids)
+    for rows, key in ((train_rows, "train_qa"), (dev_rows, "dev_qa"), (eval_rows, "eval_qa")):
+        path = getattr(cfg.data, key)
+        if rows:
+            gold.check(rows, f"data.{key} ({path})" if path else f"the synthetic questions (data.{key})")
+
+
+def passage_ids_of(passages: Path | None, rows: list[dict] | None) -> list[str]:
+    """The passage ids of an ingested directory (its id column only) or of chunked rows."""
+    if rows is not None:
+        return [str(r["id"]) for r in rows]
+    return [str(i) for b in iter_passage_batches(passages, 8192, columns=["id"]) for i in b.column("id").to_pylist()]
 
 
 def check_k_fits(cfg: Config, num_passages: int, where: str) -> None:
@@ -462,6 +478,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         # 1. the index: encoded with Ray Data into a FAISS index version
         index = load_index(index_dir or _build_index(cfg, passages_dir, output_dir, tracker))
         _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
+        check_gold_ids(cfg, index.ids, train_rows, dev_rows, eval_rows)     # an --index the QA files do not fit
         tracker.set_tags({f"lineage.{k}": v for k, v in run_lineage(cfg, index).items()})
 
         # 2. the untrained start, built as every worker builds it
@@ -637,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is None:
             passages, rows, count = read_passage_source(cfg.data.corpus, cfg)
             check_k_fits(cfg, count, f"the corpus {cfg.data.corpus}")
+            check_gold_ids(cfg, passage_ids_of(passages, rows), train_rows, dev_rows, eval_rows)
         else:
             check_k_fits(cfg, int(read_index_manifest(args.index)["count"]), f"the index {args.index}")
         print(where_things_go(output_dir.resolve(), default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)),

@@ -5,11 +5,21 @@ import time
 
 import torch
 
+from pipeline.data import GoldPassages
 from pipeline.decoding import rag_sequence_decode, rag_token_decode
 from pipeline.estimators.registry import DECODERS, get, objective_for
 from pipeline.metrics import exact_match, f1_score, recall_at_k
 
 RECALL_KS = (1, 5, 20)
+_GOLD_CACHE: list = [None, None]          # [the index ids resolved last, their GoldPassages]
+
+
+def gold_passages(index) -> GoldPassages:
+    """The gold-id resolver of `index` (its passage ids), kept while the same ids are evaluated again (dev
+    evaluations every eval_every steps)."""
+    if _GOLD_CACHE[0] is not index.ids:
+        _GOLD_CACHE[:] = [index.ids, GoldPassages(index.ids)]
+    return _GOLD_CACHE[1]
 
 
 def decoder_for(estimator) -> str:
@@ -36,11 +46,14 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
              num_beams: int = 1, batch_size: int = 32, max_questions: int = 0, progress=None) -> tuple[dict, list]:
     """Returns (metrics, predictions). `estimator` (a registered name, or a run Config) chooses the decoder
     (`decoder_for`).
-    Recall needs `gold_passage_ids`; questions without them are left out of it."""
+    Recall needs `gold_passage_ids`; questions without them are left out of it. A gold id names a corpus row:
+    every window of a split row counts (`GoldPassages`); an id that names no row is refused before decoding."""
     decoder = decoder_for(estimator)
+    rows = rows[:max_questions] if max_questions else rows
+    gold_of = gold_passages(model.index)
+    gold_of.check(rows, "the evaluation questions")
     was_training = model.training
     model.eval()
-    rows = rows[:max_questions] if max_questions else rows
     depth = min(max(max(RECALL_KS), k), len(model.index.ids))
     retrieved, gold, ems, f1s, predictions = [], [], [], [], []
     start = time.time()
@@ -49,7 +62,7 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         questions = [r["question"] for r in chunk]
         cand = model.retrieve(questions, depth)
         retrieved += cand.ids
-        gold += [list(r.get("gold_passage_ids") or []) for r in chunk]
+        gold += [gold_of.passages(r.get("gold_passage_ids")) for r in chunk]
         decoded = decode_answers(model, questions, decoder, k=k, num_beams=num_beams, decode=decode, candidates=cand)
         for r, d in zip(chunk, decoded):
             ems.append(exact_match(d.answer, r["answers"]))
