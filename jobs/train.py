@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from jobs.ray_env import ensure_ray
 from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import open_search_index
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
-from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
+from pipeline.config import Config, ConfigError, describe_defaults, from_dict, load_config, save_config
 from pipeline.data import (DataError, GoldPassages, chunk_passages, iter_passage_batches, read_corpus,
                            read_manifest, read_qa, write_json, write_jsonl, write_passages)
 from pipeline.estimators.registry import STRATEGIES, estimator_help, objective_for, strategy_names
@@ -592,8 +593,12 @@ def results_table(metrics: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentrag train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="latentrag train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.fill(
+            "defaults: without --config every setting is its built-in default, the dataclasses of "
+            "pipeline/config.py; they are the settings the demo measured (configs/demo.yaml adds only its data and "
+            f"MLflow experiment): {describe_defaults()}. --config and --set override them.", 100))
     p.add_argument("--corpus", help="corpus file (jsonl/parquet/csv/tsv) or directory, or an ingested passages "
                                     "directory (from `latentrag ingest`)")
     p.add_argument("--train-qa", help="training questions (jsonl/json/parquet/csv): question, answers[] or answer")
@@ -605,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
     p.add_argument("--output-dir", help="where checkpoints, metrics.json and the MLflow database go")
-    p.add_argument("--config", help="YAML config (see configs/demo.yaml); flags and --set override it")
+    p.add_argument("--config", help="YAML config (e.g. configs/cmu_qa_wiki.yaml); keys it leaves out keep their "
+                                    "built-in defaults (see below); flags and --set override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set retriever.lr=1e-5 (repeatable)")
     p.add_argument("--index", help="an existing index root or version directory (skip encoding)")
