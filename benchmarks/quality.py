@@ -140,6 +140,10 @@ BASELINES = {"bm25": "BM25 retrieval", "majority_answer": 'majority answer "{ans
              "bm25_reader": "BM25 top-K + untrained reader", "minilm": "frozen MiniLM + untrained reader"}
 
 
+def baseline_label(name: str, base: dict) -> str:
+    return BASELINES.get(name, name).replace("{answer}", str(base.get("answer")))
+
+
 # ------------------------------------------------------------------------------------------------- baselines
 class Bm25:
     """BM25 (bm25s; English stopwords) over the passages' title and text, built once per dataset."""
@@ -282,8 +286,7 @@ def markdown(results: dict, args) -> str:
                          f"{s['s_per_step']:.2f} |")
         for name, base in ds["baselines"].items():
             cells = [("n/a" if base.get(k) is None else f"{base[k]:.3f}") for k in KEYS]
-            label = BASELINES.get(name, name).replace("{answer}", str(base.get("answer")))
-            lines.append(f"| {label} (no training) | " + " | ".join(cells) + " | — | — | — | — |")
+            lines.append(f"| {baseline_label(name, base)} (no training) | " + " | ".join(cells) + " | — | — | — | — |")
         lines += ["", "f1_yes_no / f1_other: F1 over the test questions whose answers are all yes/no, and over the "
                   "others (pipeline.metrics.answer_type).", ""]
     return "\n".join(lines)
@@ -388,8 +391,8 @@ def main(argv=None) -> int:
               "num_passages": len(data["passages"]), "steps": cfg.train.max_steps, "k": cfg.train.k,
               "batch_size": cfg.train.batch_size, "baselines": baselines, "runs": {}, "summary": {}}
         for name, base in baselines.items():
-            print(f"  {BASELINES[name]}: " + "  ".join(f"{k} {base[k]:.3f}" for k in KEYS if base.get(k) is not None),
-                  flush=True)
+            print(f"  {baseline_label(name, base)}: "
+                  + "  ".join(f"{k} {base[k]:.3f}" for k in KEYS if base.get(k) is not None), flush=True)
         for label in args.estimators:
             if RUNS[label][1] == "independent" and not all(r.get("gold_passage_ids") for r in data["train"]):
                 print(f"  {label}: skipped on {key}: training questions lack gold_passage_ids", flush=True)
