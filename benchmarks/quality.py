@@ -4,6 +4,7 @@ every run from the same start with the same budget (steps, K), on the synthetic 
     .venv/bin/python benchmarks/quality.py                                   # synthetic KB, all estimators, seed 0
     .venv/bin/python benchmarks/quality.py --estimators rag-sequence jsa --steps 600 --kb-seed 1 --templates alt
     .venv/bin/python benchmarks/quality.py --datasets cmu --steps 300 --seeds 0 1
+    .venv/bin/python benchmarks/quality.py --datasets cmu rag-mini --steps 2 --max-eval 20 --variance-repeats 0
     latentrag bench quality --datasets synthetic cmu --seeds 0 1 2           # the same, from a source checkout
 
 Writes OUT_DIR/quality.json, quality.md (the table), learning_curves_<dataset>.png, recall_<dataset>.png and
@@ -12,7 +13,11 @@ logs them with every run's metrics to MLflow (OUT_DIR/mlflow.db unless MLFLOW_TR
 Runs in one process without Ray: the training loop is the same `pipeline.recipe.TrainRecipe` the Ray job runs, so
 the figures are about learning, not Ray's fixed costs. Answers-only training for every estimator (gold passage ids
 are read only for recall) except the `independent` strategy, which by definition trains on them (marked in the
-table). BM25 (bm25s) and the frozen MiniLM retriever are the zero-training baselines.
+table). Zero-training rows: BM25 retrieval (bm25s), the majority answer (the most frequent training answer for every
+test question), the untrained reader on BM25's top-K, and the frozen MiniLM retriever with the untrained reader
+(every run's start). F1 is split by answer type: yes/no and the others.
+Datasets: synthetic (built in); cmu and rag-mini (../shared/data: development data that is not in the repository;
+the benchmark stops with a clear error when it is absent). rag-mini-wikipedia holds out articles like cmu_qa_wiki.
 Gradient variance: tr Cov[g] / ||E g||^2 of the retriever and generator gradients over repeated estimates on one
 fixed batch at the start (benchmarks/estimator_bench.py measures the same at an equal generator budget).
 """
@@ -24,26 +29,30 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import cached_index  # noqa: E402
 from benchmarks.estimator_bench import measure_estimator  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data import GoldPassages  # noqa: E402
 from pipeline.estimators import build_estimator  # noqa: E402
-from pipeline.metrics import normalize_answer, recall_at_k  # noqa: E402
+from pipeline.evaluation import evaluate  # noqa: E402
+from pipeline.metrics import exact_match, f1_by_answer_type, f1_score, normalize_answer, recall_at_k  # noqa: E402
 from pipeline.models.assembly import build_model  # noqa: E402
 from pipeline.models.retriever import TextEncoder  # noqa: E402
 from pipeline.recipe import Events, TrainRecipe  # noqa: E402
 from pipeline.synthetic import generate_knowledge_base  # noqa: E402
 from pipeline.training import seed_everything  # noqa: E402
 
-KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20")
+KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "f1_yes_no", "f1_other")
 RUNS = {  # label -> (estimator, strategy, config overrides of that run)
     "rag-sequence": ("rag-sequence", "joint", []), "rag-token": ("rag-token", "joint", []),
     "vrag": ("vrag", "joint", []), "jsa": ("jsa", "joint", []), "dro": ("dro", "joint", []),
@@ -56,7 +65,22 @@ RUNS = {  # label -> (estimator, strategy, config overrides of that run)
     "rag-sequence-warmup": ("rag-sequence", "joint", ["train.generator_warmup_steps=100"]),
 }
 DEFAULT_RUNS = ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "two-phase", "independent"]
-CONFIGS = {"synthetic": "configs/demo.yaml", "cmu": "configs/cmu_qa_wiki.yaml"}
+CONFIGS = {"synthetic": "configs/demo.yaml", "cmu": "configs/cmu_qa_wiki.yaml",
+           "rag-mini": "configs/cmu_qa_wiki.yaml"}        # rag-mini is the S08 part of cmu_qa_wiki: same settings
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+class DatasetMissing(Exception):
+    """A dataset of --datasets whose files are not on this machine (../shared/data is not in the repository)."""
+
+
+def need_dir(path, dataset: str, flag: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetMissing(f"--datasets {dataset}: {path} not found. The shared development data "
+                             f"(../shared/data) is not part of the repository; pass {flag} DIR where it is, or leave "
+                             f"{dataset} out")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -76,34 +100,102 @@ def cmu_dataset(args):
     """../shared/data/cmu_qa_wiki through jobs.prepare_qa (re-chunked passages, held-out articles, document-level
     gold ids), cached under /tmp."""
     from jobs.prepare_qa import prepare
-    from pipeline.data import read_passages, read_qa
 
+    cmu_dir = need_dir(args.cmu_dir, "cmu", "--cmu-dir")
     out = Path(f"/tmp/latentrag-quality-cmu-{args.cmu_chunk_words}")
     if not (out / "prepare.json").exists():
-        prepare(str(Path(args.cmu_dir) / "passages.jsonl"), str(Path(args.cmu_dir) / "qa.jsonl"), out,
+        prepare(str(cmu_dir / "passages.jsonl"), str(cmu_dir / "qa.jsonl"), out,
                 chunk_words=args.cmu_chunk_words, chunk_overlap=20)
+    return prepared_dataset(out, "cmu_qa_wiki (document-level recall)", "cmu", f"cmu-{args.cmu_chunk_words}")
 
-    def rows(name):
+
+def rag_mini_dataset(args):
+    """../shared/data/rag_mini_wikipedia through jobs.prepare_qa.prepare_rag_mini: its passages with their CMU
+    article (read from ../shared/data/cmu_qa_wiki), held-out articles, document-level gold ids; cached under /tmp."""
+    from jobs.prepare_qa import prepare_rag_mini
+
+    rag_dir = need_dir(args.rag_mini_dir, "rag-mini", "--rag-mini-dir")
+    cmu_dir = need_dir(args.cmu_dir, "rag-mini", "--cmu-dir (its passage -> article map)")
+    out = Path(f"/tmp/latentrag-quality-ragmini-{args.cmu_chunk_words}")
+    if not (out / "prepare.json").exists():
+        prepare_rag_mini(rag_dir, cmu_dir, out, chunk_words=args.cmu_chunk_words, chunk_overlap=20)
+    return prepared_dataset(out, "rag-mini-wikipedia (held-out articles, document-level recall)", "rag-mini",
+                            f"ragmini-{args.cmu_chunk_words}")
+
+
+def prepared_dataset(out: Path, name: str, key: str, index_tag: str) -> dict:
+    """A directory written by jobs.prepare_qa: passages, train and test questions (yes/no answers canonical)."""
+    from pipeline.data import read_passages, read_qa
+
+    def rows(split):
         return [{**r, "answers": list(dict.fromkeys(canonical_answer(a) for a in r["answers"]))}
-                for r in read_qa(out / f"{name}.jsonl")]
+                for r in read_qa(out / f"{split}.jsonl")]
 
-    return {"name": "cmu_qa_wiki (document-level recall)", "key": "cmu", "passages": read_passages(out / "passages").to_pylist(),
-            "train": rows("train"), "test": rows("test"), "index_tag": f"cmu-{args.cmu_chunk_words}"}
+    return {"name": name, "key": key, "passages": read_passages(out / "passages").to_pylist(),
+            "train": rows("train"), "test": rows("test"), "index_tag": index_tag}
+
+
+DATASETS = {"synthetic": synthetic_dataset, "cmu": cmu_dataset, "rag-mini": rag_mini_dataset}
+BASELINES = {"bm25": "BM25 retrieval", "majority_answer": 'majority answer "{answer}"',
+             "bm25_reader": "BM25 top-K + untrained reader", "minilm": "frozen MiniLM + untrained reader"}
+
+
+def baseline_label(name: str, base: dict) -> str:
+    return BASELINES.get(name, name).replace("{answer}", str(base.get("answer")))
 
 
 # ------------------------------------------------------------------------------------------------- baselines
-def bm25_recall(passages, test) -> dict:
-    import bm25s
+class Bm25:
+    """BM25 (bm25s; English stopwords) over the passages' title and text, built once per dataset."""
 
-    corpus = [f"{p.get('title', '')} {p['text']}" for p in passages]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
-    k = min(20, len(corpus))
-    docs, _ = retriever.retrieve(bm25s.tokenize([r["question"] for r in test], stopwords="en", show_progress=False),
-                                 k=k, show_progress=False)
-    ids = [[str(passages[int(j)]["id"]) for j in row] for row in docs]
-    gold = [r.get("gold_passage_ids") for r in test]
+    def __init__(self, passages):
+        import bm25s
+
+        self.passages = passages
+        self.retriever = bm25s.BM25()
+        corpus = [f"{p.get('title', '')} {p['text']}" for p in passages]
+        self.retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+
+    def search(self, questions: list[str], k: int) -> list[list[str]]:
+        """The ids of each question's top-k passages, best first."""
+        import bm25s
+
+        docs, _ = self.retriever.retrieve(bm25s.tokenize(questions, stopwords="en", show_progress=False),
+                                          k=min(k, len(self.passages)), show_progress=False)
+        return [[str(self.passages[int(j)]["id"]) for j in row] for row in docs]
+
+
+def bm25_recall(passages, test, bm25: Bm25 | None = None) -> dict:
+    ids = (bm25 or Bm25(passages)).search([r["question"] for r in test], 20)
+    gold_of = GoldPassages(p["id"] for p in passages)
+    gold = [gold_of.passages(r.get("gold_passage_ids")) for r in test]
     return {f"recall@{kk}": recall_at_k(ids, gold, kk) for kk in (1, 5, 20)}
+
+
+def majority_answer(train, test) -> dict:
+    """The most frequent (normalised) first answer of the training questions, given to every test question: what
+    EM/F1 a model gets that ignores question and passages alike (on cmu_qa_wiki: "yes")."""
+    counts = Counter(normalize_answer(r["answers"][0]) for r in train if r.get("answers"))
+    answer = counts.most_common(1)[0][0]
+    f1s = [f1_score(answer, r["answers"]) for r in test]
+    return {"answer": answer, "em": sum(exact_match(answer, r["answers"]) for r in test) / len(test),
+            "f1": sum(f1s) / len(test), **f1_by_answer_type(f1s, [r["answers"] for r in test])}
+
+
+def bm25_reader(cfg, index, data, test, bm25: Bm25, seed: int = 0) -> tuple[dict, list]:
+    """The untrained start (the model every run starts from: same config and seed) reading BM25's top-K instead of
+    its own retriever's: EM/F1/recall of the reader without any training on candidates that share the question's
+    words. The marginal over the K passages still weighs them by the dense retriever's scores."""
+    seed_everything(seed)
+    model = build_model(cfg, index, data["train"])
+    row_of = {str(pid): i for i, pid in enumerate(model.index.ids)}
+
+    def retrieve(questions, depth):
+        rows = np.array([[row_of[pid] for pid in hits] for hits in bm25.search(questions, depth)], dtype=np.int64)
+        return model.candidates(rows, model.query_encoder(questions))
+
+    return evaluate(model, test, k=cfg.eval.k, estimator=cfg.train.estimator, decode=cfg.eval.decode,
+                    num_beams=cfg.eval.num_beams, retrieve=retrieve)
 
 
 # ------------------------------------------------------------------------------------------------------ runs
@@ -194,8 +286,9 @@ def markdown(results: dict, args) -> str:
                          f"{s['s_per_step']:.2f} |")
         for name, base in ds["baselines"].items():
             cells = [("n/a" if base.get(k) is None else f"{base[k]:.3f}") for k in KEYS]
-            lines.append(f"| {name} (no training) | " + " | ".join(cells) + " | — | — | — | — |")
-        lines.append("")
+            lines.append(f"| {baseline_label(name, base)} (no training) | " + " | ".join(cells) + " | — | — | — | — |")
+        lines += ["", "f1_yes_no / f1_other: F1 over the test questions whose answers are all yes/no, and over the "
+                  "others (pipeline.metrics.answer_type).", ""]
     return "\n".join(lines)
 
 
@@ -248,7 +341,9 @@ def plots(ds: dict, out_dir: Path) -> list[Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="latentrag bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["synthetic"], choices=list(CONFIGS))
+    p.add_argument("--datasets", nargs="+", default=["synthetic"], choices=list(CONFIGS),
+                   help="synthetic (built in); cmu and rag-mini read ../shared/data (development data, not in the "
+                        "repository: --cmu-dir, --rag-mini-dir)")
     p.add_argument("--estimators", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS), metavar="RUN",
                    help=f"estimators and strategies to compare (default: {' '.join(DEFAULT_RUNS)}); any of "
                         f"{', '.join(RUNS)}")
@@ -258,7 +353,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-eval", type=int, default=0, help="test questions per evaluation (0 = all)")
     p.add_argument("--kb-seed", type=int, default=0, help="synthetic knowledge-base seed")
     p.add_argument("--templates", default="default", help="synthetic templates: default | alt")
-    p.add_argument("--cmu-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/cmu_qa_wiki"))
+    p.add_argument("--cmu-dir", default=str(SHARED_DATA / "cmu_qa_wiki"))
+    p.add_argument("--rag-mini-dir", default=str(SHARED_DATA / "rag_mini_wikipedia"),
+                   help="rag-mini-wikipedia (passages.csv, qa_s08.jsonl); its passage -> article map reads --cmu-dir")
     p.add_argument("--cmu-chunk-words", type=int, default=100)
     p.add_argument("--variance-batch", type=int, default=8)
     p.add_argument("--variance-repeats", type=int, default=6, help="gradient estimates per estimator (0 = skip; else >= 2)")
@@ -272,8 +369,13 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"args": vars(args), "datasets": {}}
+    try:                                            # every dataset's files, before any work
+        loaded = {key: DATASETS[key](args) for key in args.datasets}
+    except DatasetMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for key in args.datasets:
-        data = synthetic_dataset(args) if key == "synthetic" else cmu_dataset(args)
+        data = loaded[key]
         cfg = load_config(CONFIGS[key], args.set)
         if args.steps:
             cfg.train.max_steps = args.steps
@@ -282,11 +384,15 @@ def main(argv=None) -> int:
         test = data["test"][:args.max_eval] if args.max_eval else data["test"]
         print(f"== {data['name']}: {len(data['train'])} train / {len(test)} test questions, "
               f"{len(data['passages'])} passages", flush=True)
-        baselines = {"bm25": bm25_recall(data["passages"], test)}
+        bm25 = Bm25(data["passages"])
+        baselines = {"bm25": bm25_recall(data["passages"], test, bm25), "majority_answer": majority_answer(
+            data["train"], test), "bm25_reader": bm25_reader(cfg, index, data, test, bm25, args.seeds[0])[0]}
         ds = {"name": data["name"], "key": key, "num_train": len(data["train"]), "num_test": len(test),
               "num_passages": len(data["passages"]), "steps": cfg.train.max_steps, "k": cfg.train.k,
               "batch_size": cfg.train.batch_size, "baselines": baselines, "runs": {}, "summary": {}}
-        print("  bm25: " + "  ".join(f"{k} {v:.3f}" for k, v in baselines["bm25"].items()), flush=True)
+        for name, base in baselines.items():
+            print(f"  {baseline_label(name, base)}: "
+                  + "  ".join(f"{k} {base[k]:.3f}" for k in KEYS if base.get(k) is not None), flush=True)
         for label in args.estimators:
             if RUNS[label][1] == "independent" and not all(r.get("gold_passage_ids") for r in data["train"]):
                 print(f"  {label}: skipped on {key}: training questions lack gold_passage_ids", flush=True)

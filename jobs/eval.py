@@ -8,7 +8,7 @@ from pathlib import Path
 from jobs.train import format_metrics
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import DataError, read_qa, write_json, write_jsonl
-from pipeline.evaluation import evaluate
+from pipeline.evaluation import evaluate, gold_passages
 from pipeline.progress import Progress
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = read_qa(args.eval_qa)
         model, cfg, meta = load_checkpoint(args.checkpoint, index_dir=args.index)
+        gold_passages(model.index).check(rows, args.eval_qa)        # gold ids name rows of the index's corpus
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The vocabulary head is tied to the input embeddings, so the weights fit any knowledge base: a run that loads
     # them points the head at its own answers' tokens (CopyBart.set_output_tokens).
-    gen = build_generator(GeneratorConfig(dropout=args.dropout), [a for _, _, a in train])
+    gen = build_generator(GeneratorConfig(init="random", dropout=args.dropout), [a for _, _, a in train])
     opt = torch.optim.AdamW(gen.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.0, 1 - s / args.steps))

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,9 +32,9 @@ from jobs.ray_env import ensure_ray
 from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import open_search_index
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
-from pipeline.config import Config, ConfigError, from_dict, load_config, save_config
-from pipeline.data import (DataError, chunk_passages, read_corpus, read_manifest, read_qa, write_json, write_jsonl,
-                           write_passages)
+from pipeline.config import Config, ConfigError, describe_defaults, from_dict, load_config, save_config
+from pipeline.data import (DataError, GoldPassages, chunk_passages, iter_passage_batches, read_corpus,
+                           read_manifest, read_qa, write_json, write_jsonl, write_passages)
 from pipeline.estimators.registry import STRATEGIES, estimator_help, objective_for, strategy_names
 from pipeline.index import load_index, read_manifest as read_index_manifest
 from pipeline.models import hf_causal
@@ -212,6 +213,22 @@ def prepare_passages(corpus: str, output_dir: Path, cfg: Config) -> Path:
     """An ingested passages directory: `corpus` itself when it already is one, else ingest it."""
     existing, rows, _ = read_passage_source(corpus, cfg)
     return existing if existing is not None else write_passage_rows(rows, output_dir)
+
+
+def check_gold_ids(cfg: Config, passage_ids, train_rows, dev_rows, eval_rows) -> None:
+    """Every gold id of the QA files must name a corpus row (`GoldPassages.check`): refused before encoding."""
+    gold = GoldPassages(passage_ids)
+    for rows, key in ((train_rows, "train_qa"), (dev_rows, "dev_qa"), (eval_rows, "eval_qa")):
+        path = getattr(cfg.data, key)
+        if rows:
+            gold.check(rows, f"data.{key} ({path})" if path else f"the synthetic questions (data.{key})")
+
+
+def passage_ids_of(passages: Path | None, rows: list[dict] | None) -> list[str]:
+    """The passage ids of an ingested directory (its id column only) or of chunked rows."""
+    if rows is not None:
+        return [str(r["id"]) for r in rows]
+    return [str(i) for b in iter_passage_batches(passages, 8192, columns=["id"]) for i in b.column("id").to_pylist()]
 
 
 def check_k_fits(cfg: Config, num_passages: int, where: str) -> None:
@@ -462,6 +479,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         # 1. the index: encoded with Ray Data into a FAISS index version
         index = load_index(index_dir or _build_index(cfg, passages_dir, output_dir, tracker))
         _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
+        check_gold_ids(cfg, index.ids, train_rows, dev_rows, eval_rows)     # an --index the QA files do not fit
         tracker.set_tags({f"lineage.{k}": v for k, v in run_lineage(cfg, index).items()})
 
         # 2. the untrained start, built as every worker builds it
@@ -575,8 +593,12 @@ def results_table(metrics: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentrag train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="latentrag train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.fill(
+            "defaults: without --config every setting is its built-in default, the dataclasses of "
+            "pipeline/config.py; they are the settings the demo measured (configs/demo.yaml adds only its data and "
+            f"MLflow experiment): {describe_defaults()}. --config and --set override them.", 100))
     p.add_argument("--corpus", help="corpus file (jsonl/parquet/csv/tsv) or directory, or an ingested passages "
                                     "directory (from `latentrag ingest`)")
     p.add_argument("--train-qa", help="training questions (jsonl/json/parquet/csv): question, answers[] or answer")
@@ -588,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
     p.add_argument("--output-dir", help="where checkpoints, metrics.json and the MLflow database go")
-    p.add_argument("--config", help="YAML config (see configs/demo.yaml); flags and --set override it")
+    p.add_argument("--config", help="YAML config (e.g. configs/cmu_qa_wiki.yaml); keys it leaves out keep their "
+                                    "built-in defaults (see below); flags and --set override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set retriever.lr=1e-5 (repeatable)")
     p.add_argument("--index", help="an existing index root or version directory (skip encoding)")
@@ -637,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is None:
             passages, rows, count = read_passage_source(cfg.data.corpus, cfg)
             check_k_fits(cfg, count, f"the corpus {cfg.data.corpus}")
+            check_gold_ids(cfg, passage_ids_of(passages, rows), train_rows, dev_rows, eval_rows)
         else:
             check_k_fits(cfg, int(read_index_manifest(args.index)["count"]), f"the index {args.index}")
         print(where_things_go(output_dir.resolve(), default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)),

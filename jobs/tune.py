@@ -29,7 +29,7 @@ import ray
 
 from jobs.index import build_index
 from jobs.ray_env import ensure_ray
-from jobs.train import make_torch_trainer, prepare_passages
+from jobs.train import check_gold_ids, make_torch_trainer, passage_ids_of, prepare_passages
 from pipeline import sweep
 from pipeline.config import Config, ConfigError, from_dict, save_config
 from pipeline.data import DataError, chunk_passages, read_qa, write_passages
@@ -169,6 +169,8 @@ def prepare_data(cfg: Config, out: Path, index: str | None, resume: bool) -> dic
                 raise ConfigError(f"data.{key}: required for a sweep on your own data (dev_qa ranks the trials)")
         train_rows, dev_rows = read_qa(cfg.data.train_qa), read_qa(cfg.data.dev_qa)
         passages = prepare_passages(cfg.data.corpus, out, cfg) if index is None else None
+        if passages is not None:              # refused before encoding: a gold id that names no corpus row
+            check_gold_ids(cfg, passage_ids_of(passages, None), train_rows, dev_rows, None)
         data = {"corpus": str(Path(passages or cfg.data.corpus).resolve()),
                 **{k: str(Path(getattr(cfg.data, k)).resolve()) for k in ("train_qa", "dev_qa", "eval_qa")}}
     if index is None:
@@ -183,6 +185,7 @@ def prepare_data(cfg: Config, out: Path, index: str | None, resume: bool) -> dic
             _log(f"[index] built in {time.time() - t:.0f}s")
     loaded = load_index(index)
     _log(f"[index] version {loaded.version}: {len(loaded.ids)} passages (reused by every trial)")
+    check_gold_ids(cfg, loaded.ids, train_rows, dev_rows, None)
     return {"train_rows": train_rows, "dev_rows": dev_rows, "index_dir": str(loaded.path), "data": data}
 
 

@@ -380,6 +380,54 @@ def chunk_passages(rows: Iterable[dict], max_words: int = 100, overlap: int = 20
     return out
 
 
+_WINDOW_ID = re.compile(r"(.+)#(\d+)")
+
+
+class GoldPassages:
+    """A question's ``gold_passage_ids`` -> the passages they name: the one place gold ids meet the corpus.
+
+    Gold ids name rows of the user's corpus. `chunk_passages` splits a long row ``id`` into windows ``id#0, id#1,
+    ...``, and every window of that row is gold (recall@k, the independent strategy's positives). An id that is
+    itself a passage id (a row that was not split, or one window named directly) names that passage only.
+    ``passage_ids``: the ids of the passages (or the index rows) to resolve against, in any order.
+    """
+
+    def __init__(self, passage_ids: Iterable[str]):
+        self._known: set[str] = set()
+        self._windows: dict[str, list[str]] = {}
+        for pid in map(str, passage_ids):
+            self._known.add(pid)
+            m = _WINDOW_ID.fullmatch(pid)
+            if m:
+                self._windows.setdefault(m.group(1), []).append(pid)
+
+    def passages(self, gold_ids: Iterable[str] | None) -> list[str]:
+        """The passage ids that `gold_ids` name, in the order given (a split row: its windows in order); ids
+        that name nothing are left out (`check` refuses them first)."""
+        out: list[str] = []
+        for g in map(str, gold_ids or ()):
+            out += [g] if g in self._known else self._windows.get(g, [])
+        return list(dict.fromkeys(out))
+
+    def unknown(self, gold_ids: Iterable[str] | None) -> list[str]:
+        """The ids in `gold_ids` that name no passage and no split row."""
+        return [g for g in map(str, gold_ids or ()) if g not in self._known and g not in self._windows]
+
+    def check(self, rows: Iterable[dict], source: str) -> None:
+        """Raise `DataError` when any gold id of `rows` names no row of the corpus: recall would count that
+        question as a miss, silently (a typo, an id column of another corpus, a corpus cut down after the
+        questions were written). The message names `source`, how many rows, the first row and its id."""
+        bad = [(i, r, self.unknown(r.get("gold_passage_ids"))) for i, r in enumerate(rows)]
+        bad = [b for b in bad if b[2]]
+        if bad:
+            i, row, ids = bad[0]
+            total = sum(len(b[2]) for b in bad)
+            raise DataError(
+                f"{source}: {total} gold_passage_ids in {len(bad)} question(s) name no row of the corpus "
+                f"(first: question {row.get('id') or i + 1!r}, id {ids[0]!r}); gold ids name corpus rows (a row "
+                "split into windows id#0, id#1, ... counts whole). Fix the ids or drop them from those questions")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # passage shards
 

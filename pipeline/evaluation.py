@@ -5,11 +5,21 @@ import time
 
 import torch
 
+from pipeline.data import GoldPassages
 from pipeline.decoding import rag_sequence_decode, rag_token_decode
 from pipeline.estimators.registry import DECODERS, get, objective_for
-from pipeline.metrics import exact_match, f1_score, recall_at_k
+from pipeline.metrics import exact_match, f1_by_answer_type, f1_score, recall_at_k
 
 RECALL_KS = (1, 5, 20)
+_GOLD_CACHE: list = [None, None]          # [the index ids resolved last, their GoldPassages]
+
+
+def gold_passages(index) -> GoldPassages:
+    """The gold-id resolver of `index` (its passage ids), kept while the same ids are evaluated again (dev
+    evaluations every eval_every steps)."""
+    if _GOLD_CACHE[0] is not index.ids:
+        _GOLD_CACHE[:] = [index.ids, GoldPassages(index.ids)]
+    return _GOLD_CACHE[1]
 
 
 def decoder_for(estimator) -> str:
@@ -33,23 +43,29 @@ def decode_answers(model, questions: list[str], decoder: str, k: int = 5, num_be
 
 @torch.no_grad()
 def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence", decode: str = "fast",
-             num_beams: int = 1, batch_size: int = 32, max_questions: int = 0, progress=None) -> tuple[dict, list]:
+             num_beams: int = 1, batch_size: int = 32, max_questions: int = 0, progress=None,
+             retrieve=None) -> tuple[dict, list]:
     """Returns (metrics, predictions). `estimator` (a registered name, or a run Config) chooses the decoder
-    (`decoder_for`).
-    Recall needs `gold_passage_ids`; questions without them are left out of it."""
+    (`decoder_for`). `retrieve(questions, depth) -> Candidates` replaces the model's own retrieval (a baseline
+    such as BM25 candidates read by the model's generator); by default `model.retrieve`. F1 is also reported per
+    answer type (`f1_yes_no`, `f1_other`: `pipeline.metrics.answer_type`).
+    Recall needs `gold_passage_ids`; questions without them are left out of it. A gold id names a corpus row:
+    every window of a split row counts (`GoldPassages`); an id that names no row is refused before decoding."""
     decoder = decoder_for(estimator)
+    rows = rows[:max_questions] if max_questions else rows
+    gold_of = gold_passages(model.index)
+    gold_of.check(rows, "the evaluation questions")
     was_training = model.training
     model.eval()
-    rows = rows[:max_questions] if max_questions else rows
     depth = min(max(max(RECALL_KS), k), len(model.index.ids))
     retrieved, gold, ems, f1s, predictions = [], [], [], [], []
     start = time.time()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         questions = [r["question"] for r in chunk]
-        cand = model.retrieve(questions, depth)
+        cand = (retrieve or model.retrieve)(questions, depth)
         retrieved += cand.ids
-        gold += [list(r.get("gold_passage_ids") or []) for r in chunk]
+        gold += [gold_of.passages(r.get("gold_passage_ids")) for r in chunk]
         decoded = decode_answers(model, questions, decoder, k=k, num_beams=num_beams, decode=decode, candidates=cand)
         for r, d in zip(chunk, decoded):
             ems.append(exact_match(d.answer, r["answers"]))
@@ -65,6 +81,7 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         "em": sum(ems) / n if n else 0.0,
         "f1": sum(f1s) / n if n else 0.0,
         **{f"recall@{kk}": recall_at_k(retrieved, gold, kk) for kk in RECALL_KS},
+        **f1_by_answer_type(f1s, [r["answers"] for r in rows]),
         "num_questions": n,
         "eval_seconds": round(time.time() - start, 2),
     }

@@ -48,6 +48,27 @@ def f1_score(prediction: str, answers: str | Sequence[str]) -> float:
     return max((_f1(prediction, a) for a in answers), default=0.0)
 
 
+YES_NO = ("yes", "no")
+
+
+def answer_type(answers: str | Sequence[str]) -> str:
+    """"yes/no" when every gold answer normalises to yes or no, else "other": F1 is reported for each, because a
+    reader that always says "yes" gets a fair F1 on yes/no questions and nothing on the rest."""
+    normed = [normalize_answer(a) for a in _as_list(answers)]
+    return "yes/no" if normed and all(a in YES_NO for a in normed) else "other"
+
+
+def f1_by_answer_type(f1s: Sequence[float], answers: Sequence[Sequence[str]]) -> dict:
+    """``f1_yes_no`` and ``f1_other``: mean F1 over the questions of each `answer_type` (None when there are none),
+    and ``num_yes_no``."""
+    groups: dict[str, list[float]] = {"yes/no": [], "other": []}
+    for f1, a in zip(f1s, answers):
+        groups[answer_type(a)].append(f1)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"f1_yes_no": mean(groups["yes/no"]), "f1_other": mean(groups["other"]),
+            "num_yes_no": len(groups["yes/no"])}
+
+
 def recall_at_k(retrieved_ids: Sequence[Sequence[str]], gold: Sequence[Sequence[str] | None], k: int) -> float | None:
     """Fraction of questions with any gold passage id among the first ``k`` retrieved ids.
 

@@ -6,6 +6,8 @@ A strategy objective, not an estimator: `train.strategy=independent` trains this
 - Retriever: InfoNCE over cosine scores / temperature: each question's gold passage against the other questions'
   gold passages (in-batch negatives) and its own top retrieved non-gold passages (hard negatives).
 - Generator: NLL(y | x, gold passage).
+A gold id names a corpus row; every window of a split row is gold (never a negative), and the one the loss pulls
+towards and the generator reads is the first window that holds an answer (else the first).
 Needs `gold_passage_ids` on every training row; `require_context_labels` fails with the file and field named.
 """
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.data import GoldPassages
 from pipeline.estimators.base import Estimator, EstimatorOutput, sequence_scores
 from pipeline.estimators.registry import EstimatorSettings, register_strategy
+from pipeline.metrics import normalize_answer
 
 
 def require_context_labels(rows: list[dict], source: str = "the training data") -> None:
@@ -56,7 +60,7 @@ class Independent(Estimator):
         super().__init__(k, cfg)
         self.hard_negatives = self.cfg.hard_negatives if hard_negatives is None else hard_negatives
         self.temperature = self.cfg.temperature if temperature is None else temperature
-        self._row_of, self._row_of_index = None, None
+        self._row_of, self._row_of_index, self._gold_of = None, None, None
 
     @classmethod
     def for_strategy(cls, estimator, train_cfg, rows: list[dict], data_source: str = "the training data"):
@@ -64,29 +68,45 @@ class Independent(Estimator):
         require_context_labels(rows, data_source)
         return cls(k=getattr(estimator, "k", 5), cfg=IndependentConfig.from_flat(train_cfg))
 
-    def _gold_rows(self, model, rows) -> list[int]:
+    def _gold_rows(self, model, rows) -> list[list[int]]:
+        """Each row's gold passages as index rows: every window of a split corpus row (`GoldPassages`)."""
         if self._row_of is None or self._row_of_index is not model.index:
             self._row_of = {str(pid): i for i, pid in enumerate(model.index.ids)}
+            self._gold_of = GoldPassages(model.index.ids)
             self._row_of_index = model.index
         out = []
         for r in rows:
+            name = repr(r.get("id") or r.get("question"))
             if not r.get("gold_passage_ids"):
-                raise ValueError(f"train.strategy=independent: row {r.get('id') or r.get('question')!r} has no "
-                                 "'gold_passage_ids'")
-            found = [self._row_of[str(g)] for g in r["gold_passage_ids"] if str(g) in self._row_of]
-            if not found:
-                raise ValueError(f"train.strategy=independent: none of the gold_passage_ids {r['gold_passage_ids']} "
-                                 f"of row {r.get('id') or r.get('question')!r} is in the index")
-            out.append(found[0])
+                raise ValueError(f"train.strategy=independent: row {name} has no 'gold_passage_ids'")
+            unknown = self._gold_of.unknown(r["gold_passage_ids"])
+            if unknown:
+                raise ValueError(f"train.strategy=independent: gold_passage_ids {unknown} of row {name} name no "
+                                 "passage of the index")
+            out.append([self._row_of[p] for p in self._gold_of.passages(r["gold_passage_ids"])])
         return out
+
+    @staticmethod
+    def _positive(model, golds: list[int], answers: list[str]) -> int:
+        """The gold passage the loss pulls towards and the generator reads: the first that holds an answer (a
+        long row's windows mostly do not), else the first."""
+        if len(golds) == 1:
+            return golds[0]
+        wanted = [f" {normalize_answer(a)} " for a in answers if normalize_answer(a)]
+        for row in golds:
+            text = f" {normalize_answer(model.row_text(row))} "
+            if any(a in text for a in wanted):
+                return row
+        return golds[0]
 
     def loss(self, model, questions, answers, rows=None):
         if rows is None:
             raise ValueError("train.strategy=independent needs the batch rows (gold_passage_ids)")
         b, h = len(questions), self.hard_negatives
-        gold = self._gold_rows(model, rows)
+        gold_lists = self._gold_rows(model, rows)
+        gold = [self._positive(model, g, r.get("answers") or [a]) for g, r, a in zip(gold_lists, rows, answers)]
         q = model.query_encoder(questions)                                         # [B, d], grad -> retriever
-        golds_of = [{self._row_of[str(g)] for g in r["gold_passage_ids"] if str(g) in self._row_of} for r in rows]
+        golds_of = [set(g) for g in gold_lists]                                    # never negatives
         hard = []
         if h:
             retrieved = model.search_rows(q, min(h + 4, len(model.index.ids)))

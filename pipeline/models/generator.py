@@ -607,8 +607,9 @@ def build_generator(cfg, train_answers: list[str] | None = None) -> Generator:
                        attention_heads=cfg.attention_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
                        max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length,
                        encoder=cfg.encoder, encoder_train_layers=cfg.encoder_train_layers)
-        if cfg.init != "random":
-            weights = reader_weights(cfg.init)
+        init = resolve_init(cfg)
+        if init != "random":
+            weights = reader_weights(init)
             try:
                 gen.load_weights(weights)
             except ValueError as e:
@@ -625,6 +626,22 @@ def build_generator(cfg, train_answers: list[str] | None = None) -> Generator:
 
 
 READER_DIR = Path(__file__).resolve().parents[1] / "assets" / "reader"
+_ARCH_KEYS = ("tokenizer", "d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim")
+
+
+def resolve_init(cfg) -> str:
+    """`generator.init` as built: "auto" (the default) is the shipped "reader" when generator.kind is copy-bart at
+    the reader's sizes (architecture and position count), else "random"; any other value is itself."""
+    if cfg.init != "auto":
+        return cfg.init
+    if cfg.kind != "copy-bart" or not (READER_DIR / "generator.json").is_file():
+        return "random"
+    reader = json.loads((READER_DIR / "generator.json").read_text())
+    same = all(getattr(cfg, key) == reader[key] for key in _ARCH_KEYS) and \
+        cfg.encoder == reader.get("encoder", "bart") and \
+        max(cfg.max_source_length, cfg.max_target_length) == max(reader["max_source_length"],
+                                                                  reader["max_target_length"])
+    return "reader" if same else "random"
 
 
 def reader_weights(init: str) -> Path:
