@@ -35,22 +35,31 @@ def decode_answers(model, questions: list[str], decoder: str, k: int = 5, num_be
 def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence", decode: str = "fast",
              num_beams: int = 1, batch_size: int = 32, max_questions: int = 0, progress=None) -> tuple[dict, list]:
     """Returns (metrics, predictions). `estimator` (a registered name, or a run Config) chooses the decoder
-    (`decoder_for`).
+    (`decoder_for`). The reader reads `model.retrieve(questions, k)`: the top k, or with hybrid candidates the
+    k + H of `RagModel.prior_rows`; recall@1/5/20 are the dense ranking's, recall@candidates the read set's.
     Recall needs `gold_passage_ids`; questions without them are left out of it."""
     decoder = decoder_for(estimator)
     was_training = model.training
     model.eval()
     rows = rows[:max_questions] if max_questions else rows
     depth = min(max(max(RECALL_KS), k), len(model.index.ids))
-    retrieved, gold, ems, f1s, predictions = [], [], [], [], []
+    width = model.width(k) if hasattr(model, "width") else k
+    retrieved, read, gold, ems, f1s, predictions = [], [], [], [], [], []
     start = time.time()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         questions = [r["question"] for r in chunk]
-        cand = model.retrieve(questions, depth)
-        retrieved += cand.ids
+        if width == k:
+            ranked = cand = model.retrieve(questions, depth)
+        else:   # hybrid: the dense ranking (recall@1/5/20) and the k + H candidates the reader reads
+            q = model.query_encoder(questions)
+            ranked = model.candidates(model.search_rows(q, depth), q)
+            cand = model.candidates(model.prior_rows(questions, q, k), q)
+        retrieved += ranked.ids
+        read += cand.ids
         gold += [list(r.get("gold_passage_ids") or []) for r in chunk]
-        decoded = decode_answers(model, questions, decoder, k=k, num_beams=num_beams, decode=decode, candidates=cand)
+        decoded = decode_answers(model, questions, decoder, k=width, num_beams=num_beams, decode=decode,
+                                 candidates=cand)
         for r, d in zip(chunk, decoded):
             ems.append(exact_match(d.answer, r["answers"]))
             f1s.append(f1_score(d.answer, r["answers"]))
@@ -65,6 +74,8 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         "em": sum(ems) / n if n else 0.0,
         "f1": sum(f1s) / n if n else 0.0,
         **{f"recall@{kk}": recall_at_k(retrieved, gold, kk) for kk in RECALL_KS},
+        "recall@candidates": recall_at_k(read, gold, width),      # does the set the reader reads hold a gold one
+        "candidates": width,
         "num_questions": n,
         "eval_seconds": round(time.time() - start, 2),
     }
