@@ -50,7 +50,8 @@ def _tokenize(texts: list[str], return_ids: bool):
 
 class Bm25Index:
     """BM25 over the rows of one index version. `search(questions, k)` -> (scores [B, k], rows [B, k]) best
-    first; rows whose BM25 score is 0 (no query term in the passage: no evidence at all) are -1."""
+    first; rows whose BM25 score is 0 (no query term in the passage: no evidence at all) are -1 unless
+    `with_zero_scores` (then BM25's plain top-k, as a baseline ranks)."""
 
     def __init__(self, retriever, meta: dict, path: Path | None = None):
         self.retriever, self.meta, self.path = retriever, meta, path
@@ -70,11 +71,11 @@ class Bm25Index:
                 "bm25s": bm25s.__version__}
         return cls(retriever, meta)
 
-    def search(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, questions: list[str], k: int, with_zero_scores: bool = False) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), len(self))
         docs, scores = self.retriever.retrieve(_tokenize(list(questions), return_ids=False), k=k,
                                                show_progress=False, n_threads=0)
-        rows = np.where(scores > 0, docs, -1).astype(np.int64)
+        rows = docs.astype(np.int64) if with_zero_scores else np.where(scores > 0, docs, -1).astype(np.int64)
         return scores.astype(np.float32), rows
 
     def save(self, directory: str | os.PathLike) -> Path:
