@@ -102,7 +102,7 @@ class RagModel(nn.Module):
     def attach_bm25(self, hybrid_k: int) -> "RagModel":
         """Hybrid candidates: BM25's top-`hybrid_k` join the dense top-K in `retrieve` (0 = dense only). The BM25
         index is loaded from the index version's `bm25/`, or built there once."""
-        from pipeline.index.bm25 import open_bm25
+        from pipeline.index.bm25 import open_bm25     # bm25s (and scipy): only where hybrid candidates are used
 
         self.hybrid_k = int(hybrid_k)
         self.bm25 = open_bm25(self.index) if self.hybrid_k > 0 else None

@@ -21,6 +21,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import bm25s
 import numpy as np
 
 from pipeline.index.errors import IndexFormatError
@@ -43,8 +44,6 @@ def ids_digest(ids) -> str:
 
 
 def _tokenize(texts: list[str], return_ids: bool):
-    import bm25s   # heavy-ish (scipy); only hybrid runs need it
-
     return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=return_ids, show_progress=False)
 
 
@@ -61,8 +60,6 @@ class Bm25Index:
 
     @classmethod
     def build(cls, texts: list[str], ids) -> "Bm25Index":
-        import bm25s
-
         if not texts:
             raise IndexFormatError("cannot build BM25 over an empty index")
         retriever = bm25s.BM25(k1=K1, b=B)
@@ -94,8 +91,6 @@ class Bm25Index:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Bm25Index":
-        import bm25s
-
         directory = Path(directory)
         meta_file = directory / BM25_META
         if not meta_file.is_file():
