@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/hybrid_candidates.py --hs 0 2 5 10 --no-reader
 
 For each H (0 = dense only): the candidate set the reader reads (the dense top-K united with BM25's top-H,
-`RagModel.prior_rows`) and
+`RagModel.prior_rows`), and the dense top-(K + H) alone (as many passages, no BM25), and
 - recall@candidates: document-level, does the set hold a passage of the question's article;
 - answer-in-candidates: for answers that are not yes/no, does a candidate passage contain the answer text;
 - the untrained reader (configs/cmu_qa_wiki.yaml: the shipped copy-bart `reader`, vocabulary head from the training
@@ -129,25 +129,26 @@ def main(argv=None) -> int:
     bm25 = open_bm25(index)                                  # built once into the index version's bm25/
     splits = {"held-out (dev + test)": lambda r: True, "test": lambda r: r["split"] == "test"}
     results = {"k": args.k, "hs": args.hs, "index": str(index.path), "bm25": bm25.meta, "splits": {}}
-    per_h = {}
-    for h in args.hs:
+    # (k, H): dense top-k with BM25's top-H, and dense-only sets of the same size (is it BM25 or just more passages?)
+    runs = [(args.k, h) for h in args.hs] + [(args.k + h, 0) for h in args.hs if h > 0]
+    found = {}
+    for k, h in runs:
         model.attach_bm25(h)
-        sets = candidate_sets(model, data["heldout"], args.k)
+        sets = candidate_sets(model, data["heldout"], k)
         preds = None
         if not args.no_reader:
             t = time.time()
-            _, preds = evaluate(model, data["heldout"], k=args.k, estimator=cfg.train.estimator,
+            _, preds = evaluate(model, data["heldout"], k=k, estimator=cfg.train.estimator,
                                 decode=cfg.eval.decode, num_beams=cfg.eval.num_beams)
-            print(f"H={h}: reader decoded {len(preds)} questions in {time.time() - t:.0f}s", flush=True)
-        per_h[h] = (sets, preds)
+            print(f"k={k} H={h}: reader decoded {len(preds)} questions in {time.time() - t:.0f}s", flush=True)
+        found[k, h] = (sets, preds)
     _, bm25_rows = bm25.search([r["question"] for r in data["heldout"]], args.k, with_zero_scores=True)
     for split, chosen in splits.items():
         keep = [i for i, r in enumerate(data["heldout"]) if chosen(r)]
         rows = [data["heldout"][i] for i in keep]
         table = []
-        for h in args.hs:
-            sets, preds = per_h[h]
-            row = {"label": f"dense {args.k}" if h == 0 else f"dense {args.k} + BM25 {h}", "hybrid_k": h,
+        for (k, h), (sets, preds) in found.items():
+            row = {"label": f"dense {k}" if h == 0 else f"dense {k} + BM25 {h}", "k": k, "hybrid_k": h,
                    **retrieval_figures(model, rows, [sets[i] for i in keep])}
             if preds is not None:
                 row.update(reader_figures([preds[i] for i in keep], rows))
