@@ -490,14 +490,16 @@ class Ingress:
 
     # ---- helpers
     def _k(self, k: int | None) -> int:
-        """The request's k (default: default_k, capped at the index size), refused beyond what the index holds."""
-        limit = min(self.args.max_k, self.active.index_count - self.active.hybrid_k if self.active.index_count
-                    else self.args.max_k)
+        """The request's k (default: default_k, capped at the index size), refused beyond what the index holds
+        (with hybrid candidates, k + hybrid_k passages are read)."""
+        h = self.active.hybrid_k
+        limit = min(self.args.max_k, self.active.index_count - h if self.active.index_count else self.args.max_k)
         if k is None:
             return min(self.args.default_k, limit)
         if k > limit:
+            plus = f", {h} more from BM25 per question" if h else ""
             raise HTTPException(422, f"k={k} is out of range: this server allows 1..{limit} "
-                                     f"(max_k {self.args.max_k}, index holds {self.active.index_count} passages)")
+                                     f"(max_k {self.args.max_k}, index holds {self.active.index_count} passages{plus})")
         return k
 
     def _failed(self, out: ItemError, rid: str) -> HTTPException:
