@@ -12,6 +12,7 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError, EstimatorConfig, GeneratorConfig, from_dict
 from pipeline.estimators import REGISTRY, build_estimator
+from pipeline.decoding import rag_sequence_decode
 from pipeline.evaluation import evaluate
 from pipeline.index import ArrayIndex, IndexFormatError, load_index, write_index_version
 from pipeline.index.bm25 import BM25_DIR, BM25_META, Bm25Index, open_bm25
@@ -154,6 +155,10 @@ def test_evaluation_reads_the_passage_bm25_found_and_dense_did_not():
     assert dense["recall@candidates"] == 0.0 and hybrid["recall@candidates"] == 1.0
     # recall@k is still the dense ranking's
     assert hybrid["recall@5"] == dense["recall@5"] == 0.0
+    with pytest.raises(ValueError, match="model.width"):       # decoding k passages of a k + H set is refused
+        rag_sequence_decode(model, QUESTIONS[:1], k=3)
+    assert len(rag_sequence_decode(model, QUESTIONS[:1], k=5, candidates=model.retrieve(QUESTIONS[:1], 3))[0]
+               .passages) == 5
 
 
 # ------------------------------------------------------------------------------------------------ on disk
