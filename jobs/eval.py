@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passages per question, 1 to the number of passages in the index (default: the "
                         "checkpoint's eval.k)")
     p.add_argument("--decode", choices=["fast", "thorough"], help="RAG-Sequence decoding mode")
+    p.add_argument("--hybrid-k", type=int, metavar="H",
+                   help="BM25's top-H join the dense top-k as the reader's candidates (default: the checkpoint's "
+                        "retriever.hybrid_k; 0 = dense only)")
     p.add_argument("--num-beams", type=_positive_int,
                    help="beams per passage (default: the checkpoint's eval.num_beams)")
     return p
@@ -49,17 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     k = args.k if args.k is not None else cfg.eval.k
+    hybrid_k = args.hybrid_k if args.hybrid_k is not None else cfg.retriever.hybrid_k
     num_passages = len(model.index.ids)
-    if k > num_passages:
-        given = f"--k {k}" if args.k is not None else f"eval.k={k} (from the checkpoint's config; pass --k)"
-        print(f"error: {given}: the index {model.index.path} holds only {num_passages} passage(s); "
-              f"choose k between 1 and {num_passages}", file=sys.stderr)
+    if hybrid_k < 0:
+        print(f"error: --hybrid-k {hybrid_k}: must be >= 0 (0 = dense only)", file=sys.stderr)
         return 2
+    if k + hybrid_k > num_passages:
+        given = f"--k {k}" if args.k is not None else f"eval.k={k} (from the checkpoint's config; pass --k)"
+        plus = f" + {hybrid_k} BM25 candidates (hybrid_k)" if hybrid_k else ""
+        print(f"error: {given}{plus}: the index {model.index.path} holds only {num_passages} passage(s); "
+              f"choose k between 1 and {num_passages - hybrid_k}", file=sys.stderr)
+        return 2
+    if hybrid_k != model.hybrid_k:
+        model.attach_bm25(hybrid_k)
     decode = args.decode or cfg.eval.decode
     num_beams = args.num_beams if args.num_beams is not None else cfg.eval.num_beams
     metrics, predictions = evaluate(model, rows, k=k, estimator=cfg.train.estimator, decode=decode,
                                     num_beams=num_beams, progress=Progress("[eval]", "questions"))
-    metrics.update({"k": k, "decode": decode, "num_beams": num_beams,
+    metrics.update({"k": k, "hybrid_k": hybrid_k, "decode": decode, "num_beams": num_beams,
                     "estimator": cfg.train.estimator, "index_version": model.index.version,
                     "checkpoint": str(Path(args.checkpoint).resolve()), "step": meta.get("step")})
     out = Path(args.output_dir)

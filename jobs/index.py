@@ -4,7 +4,8 @@ Recipe: passage shards -> jobs.encode (Ray Data actor pool, resumable) -> embedd
 under the index root -> each shard checked (dim, rows, ids against its passage shard) -> FAISS build: flat and
 ivfpq shard-parallel (ivfpq trained once on a sample, one Ray task per shard adds its vectors, parts merged in
 order), hnsw in one process -> pipeline.index.write_index_version (root/v{N} written under a temporary name and
-renamed, then `current` replaced atomically) -> print the version directory and its manifest.
+renamed, then `current` replaced atomically) -> with --bm25, the version's BM25 index (pipeline.index.bm25) -> print
+the version directory and its manifest.
 `latentrag index --verify --out ROOT_OR_VERSION` checks an existing index instead of building one.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from jobs.ray_env import ensure_ray
 from pipeline.embeddings import corpus_fingerprint, gather_checked, passage_files
 from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFormatError, add_vectors,
                             deserialize_index, empty_index, merge_indexes, serialize_index, verify_index,
-                            write_index_version)
+                            load_index, write_index_version)
+from pipeline.index.bm25 import open_bm25
 from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
 
 
@@ -36,7 +38,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
                 dtype: str = "float32", read_cpus: float | None = None, parallel_min_vectors: int = 20_000,
-                **index_params) -> Path:
+                bm25: bool = False, **index_params) -> Path:
     """Encode `passages_dir` on the running Ray (or a local one) and write the next index version under
     `index_root`; returns the version directory (made `current` unless `make_current=False`).
 
@@ -47,7 +49,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     (`build_parallel`): ivfpq is trained once on a sample, one Ray task per embedding shard adds that shard's
     vectors, and the parts are merged in shard order (below that size task overhead outweighs the work); hnsw is
     built in one process (FAISS's OpenMP threads: HNSW graphs do not merge). `encoder_name` (default: `encoder`) is
-    what the manifest records.
+    what the manifest records. `bm25`: also build the version's BM25 index (`bm25/`, hybrid candidates).
     Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
     files = passage_files(passages_dir)
     resolve_encoder_path(encoder)
@@ -82,6 +84,8 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
                "passages_dir": str(Path(passages_dir).resolve()), **(extra or {})},
         **params)
     shutil.rmtree(scratch, ignore_errors=True)
+    if bm25:
+        open_bm25(load_index(version_dir))
     if verify:
         verify_index(version_dir)
     return version_dir
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of the intermediate embedding shards (the index holds float32)")
     p.add_argument("--no-parallel-build", dest="build_parallel", action="store_false",
                    help="build flat/ivfpq in one process instead of one Ray task per embedding shard + merge")
+    p.add_argument("--bm25", action="store_true",
+                   help="also build the version's BM25 index (bm25/, for retriever.hybrid_k); otherwise the first "
+                        "hybrid run over this version builds it")
     p.add_argument("--verify", action="store_true",
                    help="check the index (counts, checksum, sampled vectors); alone, checks --out without building")
     return p
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                   threads_per_actor=args.threads_per_actor,
                                   encode_batch_size=args.encode_batch_size, cpus_per_actor=args.cpus_per_actor,
                                   gpus_per_actor=args.gpus_per_actor, dtype=args.dtype,
-                                  build_parallel=args.build_parallel, **dict(args.param))
+                                  build_parallel=args.build_parallel, bm25=args.bm25, **dict(args.param))
         report = verify_index(version_dir) if args.verify else None
     except (IndexFormatError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

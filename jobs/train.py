@@ -234,9 +234,13 @@ def passage_ids_of(passages: Path | None, rows: list[dict] | None) -> list[str]:
 def check_k_fits(cfg: Config, num_passages: int, where: str) -> None:
     """train.k / eval.k / rerank_top_m above the number of passages fail inside a Ray worker after ingest, encode
     and index; refuse them while nothing is written."""
+    h = cfg.retriever.hybrid_k
     for key, k in (("train.k", cfg.train.k), ("eval.k", cfg.eval.k), ("index.rerank_top_m", cfg.index.rerank_top_m)):
         if k > num_passages:
             raise ConfigError(f"{key}={k}: more passages per question than {where} holds ({num_passages})")
+        if h and key != "index.rerank_top_m" and k + h > num_passages:
+            raise ConfigError(f"{key}={k} + retriever.hybrid_k={h}: more passages per question than {where} "
+                              f"holds ({num_passages})")
 
 
 def plan_resume(output_dir: Path) -> dict:
@@ -350,7 +354,8 @@ def _build_index(cfg: Config, passages_dir, output_dir: Path, tracker) -> Path:
     t = time.time()
     index_dir = build_index(passages_dir, output_dir / "index", encoder=cfg.retriever.encoder,
                             index_type=cfg.index.type, num_actors=cfg.index.encode_actors,
-                            batch_size=cfg.index.encode_map_batch_size, threads_per_actor=cfg.index.threads_per_actor)
+                            batch_size=cfg.index.encode_map_batch_size, threads_per_actor=cfg.index.threads_per_actor,
+                            bm25=cfg.retriever.hybrid_k > 0)
     tracker.log_metrics({"index_build_seconds": time.time() - t})
     return index_dir
 
@@ -515,7 +520,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         final, predictions = evaluate_run(model, eval_rows, cfg, progress=Progress("[eval] trained", "questions"))
         lineage = run_lineage(cfg, index, final_dir)
         tracker.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
-        metrics = {**final, "k": cfg.eval.k, **objective_for(cfg).record(),
+        metrics = {**final, "k": cfg.eval.k, "hybrid_k": cfg.retriever.hybrid_k, **objective_for(cfg).record(),
                    "index_version": model.index.version, "index_dir": str(model.index.path), "steps": meta["step"],
                    "train_seconds": round(train_seconds, 1), "initial": initial,
                    "mlflow_run_id": tracker.run_id, "lineage": lineage}

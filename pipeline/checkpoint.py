@@ -274,6 +274,8 @@ def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tu
     model = RagModel(load_encoder(path / "query_encoder"), load_generator(path / "generator"), index, tau=meta["tau"],
                      posterior_encoder=posterior, passage_encoder=passage,
                      rerank_top_m=cfg.index.rerank_top_m if passage is not None else 0)
+    if cfg.retriever.hybrid_k > 0:       # trained with hybrid candidates: evaluated and served with them
+        model.attach_bm25(cfg.retriever.hybrid_k)
     return model, cfg, meta
 
 

@@ -99,6 +99,12 @@ class RetrieverConfig:
     train_query_encoder: bool = True
     train_passage_encoder: bool = False     # train a passage encoder too (scores use fresh passage vectors);
                                             # the index then goes stale: see index.refresh_schedule / rerank_top_m
+    # hybrid candidates (0 = off, dense only): BM25's top-H (bm25s over the index version's passages, k1 0.9,
+    # b 0.4, English stopwords; saved in the version's bm25/) join the dense top-K in training, evaluation and
+    # serving. Shape rule: the dense top-K, then BM25's hits not already there, filled up with the next dense rows,
+    # K' = K + H rows ordered by dense score (the first is the dense top-1). BM25 only proposes: p(z|x) is still
+    # softmax(dense score / tau) over those K + H, so the query encoder is what trains. Try: --set retriever.hybrid_k=5
+    hybrid_k: int = 0
 
 
 @dataclass
@@ -267,6 +273,9 @@ class Config:
                            ("train.max_steps", self.train.max_steps), ("eval.k", self.eval.k)):
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.retriever.hybrid_k < 0:
+            raise ConfigError(f"retriever.hybrid_k: must be >= 0 (0 = dense candidates only), got "
+                              f"{self.retriever.hybrid_k}")
         if self.retriever.tau <= 0:
             raise ConfigError(f"retriever.tau: must be > 0, got {self.retriever.tau}")
         for settings in registry.settings_of(self.estimator, "estimator"):   # every estimator's, selected or not

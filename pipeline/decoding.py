@@ -109,6 +109,9 @@ def _retrieve_and_encode(model, questions: list[str], k: int, candidates, doc_sc
     `histories`: per question, earlier chat turns for a generator that `uses_history` (retrieval reads the
     question alone)."""
     cand = model.retrieve(questions, k) if candidates is None else candidates.top(k)
+    if cand.rows.shape[1] != k:       # a hybrid model reads k + H: the caller passes them (evaluation does)
+        raise ValueError(f"decoding reads k={k} passages per question, retrieval gave {cand.rows.shape[1]} (hybrid "
+                         "candidates): pass candidates=model.retrieve(questions, k) and k=model.width(k)")
     scores = model.doc_scores(questions, cand) if doc_scores is None else torch.as_tensor(doc_scores)[:, :k]
     doc_lp = torch.log_softmax(scores.float(), -1)
     inputs = model.generator.encode_inputs([q for q in questions for _ in range(k)],

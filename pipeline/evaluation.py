@@ -46,9 +46,11 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
              num_beams: int = 1, batch_size: int = 32, max_questions: int = 0, progress=None,
              retrieve=None) -> tuple[dict, list]:
     """Returns (metrics, predictions). `estimator` (a registered name, or a run Config) chooses the decoder
-    (`decoder_for`). `retrieve(questions, depth) -> Candidates` replaces the model's own retrieval (a baseline
-    such as BM25 candidates read by the model's generator); by default `model.retrieve`. F1 is also reported per
-    answer type (`f1_yes_no`, `f1_other`: `pipeline.metrics.answer_type`).
+    (`decoder_for`). The reader reads `model.retrieve(questions, k)`: the top k, or with hybrid candidates the
+    k + H of `RagModel.prior_rows`; recall@1/5/20 are the dense ranking's, recall@candidates the read set's.
+    `retrieve(questions, depth) -> Candidates` replaces the model's own retrieval (a baseline such as BM25
+    candidates read by the model's generator; its top k are read). F1 is also reported per answer type
+    (`f1_yes_no`, `f1_other`: `pipeline.metrics.answer_type`).
     Recall needs `gold_passage_ids`; questions without them are left out of it. A gold id names a corpus row:
     every window of a split row counts (`GoldPassages`); an id that names no row is refused before decoding."""
     decoder = decoder_for(estimator)
@@ -58,15 +60,23 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
     was_training = model.training
     model.eval()
     depth = min(max(max(RECALL_KS), k), len(model.index.ids))
-    retrieved, gold, ems, f1s, predictions = [], [], [], [], []
+    width = model.width(k) if hasattr(model, "width") and retrieve is None else k
+    retrieved, read, gold, ems, f1s, predictions = [], [], [], [], [], []
     start = time.time()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         questions = [r["question"] for r in chunk]
-        cand = (retrieve or model.retrieve)(questions, depth)
-        retrieved += cand.ids
+        if retrieve is not None or width == k:
+            ranked = cand = (retrieve or model.retrieve)(questions, depth)
+        else:   # hybrid: the dense ranking (recall@1/5/20) and the k + H candidates the reader reads
+            q = model.query_encoder(questions)
+            ranked = model.candidates(model.search_rows(q, depth), q)
+            cand = model.candidates(model.prior_rows(questions, q, k), q)
+        retrieved += ranked.ids
+        read += cand.ids
         gold += [gold_of.passages(r.get("gold_passage_ids")) for r in chunk]
-        decoded = decode_answers(model, questions, decoder, k=k, num_beams=num_beams, decode=decode, candidates=cand)
+        decoded = decode_answers(model, questions, decoder, k=width, num_beams=num_beams, decode=decode,
+                                 candidates=cand)
         for r, d in zip(chunk, decoded):
             ems.append(exact_match(d.answer, r["answers"]))
             f1s.append(f1_score(d.answer, r["answers"]))
@@ -82,6 +92,8 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         "f1": sum(f1s) / n if n else 0.0,
         **{f"recall@{kk}": recall_at_k(retrieved, gold, kk) for kk in RECALL_KS},
         **f1_by_answer_type(f1s, [r["answers"] for r in rows]),
+        "recall@candidates": recall_at_k(read, gold, width),      # does the set the reader reads hold a gold one
+        "candidates": width,
         "num_questions": n,
         "eval_seconds": round(time.time() - start, 2),
     }

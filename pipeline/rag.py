@@ -10,6 +10,11 @@ VRAG and JSA also use a posterior retriever q(z|x,y): `posterior_encoder`, its o
     cand = model.retrieve_posterior(questions, answers, k)
     model.score_rows(query_vectors, rows) -> [B, M]     # score / tau of any rows, differentiable in the query
 Ragged sets of (question, passage, answer) triples are scored with `model.pair_logprobs`.
+
+Hybrid candidates (`retriever.hybrid_k` = H > 0, `attach_bm25`): `retrieve(questions, K)` returns K + H rows, the
+dense top-K united with BM25's top-H (`hybrid_union`), ordered by dense score. BM25 only proposes: p(z|x) is still
+softmax(dense score / tau) over those rows, so the query encoder is what trains. The posterior keeps its own dense
+search (`retrieve_posterior`), and so do the anchor and the independent strategy's negatives (`search_rows`).
 """
 from __future__ import annotations
 
@@ -48,6 +53,28 @@ def posterior_query(question: str, answer: str) -> str:
     return f"{question}{POSTERIOR_SEP}{answer}"
 
 
+def hybrid_union(dense: np.ndarray, sparse: np.ndarray, k: int) -> np.ndarray:
+    """[B, k + H] rows: the dense top-k, then BM25's hits (`sparse` [B, H], -1 = no hit) that are not among them,
+    then the next dense rows (`dense` [B, >= k + H], best first) until k + H distinct rows. Not yet ordered by
+    score (`RagModel.prior_rows` does that)."""
+    h = sparse.shape[1]
+    width = k + h
+    if dense.shape[1] < width:
+        raise ValueError(f"hybrid candidates need the dense top-{width}, got {dense.shape[1]} rows")
+    out = np.empty((dense.shape[0], width), dtype=np.int64)
+    for i in range(dense.shape[0]):
+        members = dict.fromkeys(int(r) for r in dense[i, :k])
+        for r in sparse[i]:
+            if r >= 0:
+                members.setdefault(int(r))
+        for r in dense[i, k:]:
+            if len(members) == width:
+                break
+            members.setdefault(int(r))
+        out[i] = list(members)[:width]
+    return out
+
+
 class RagModel(nn.Module):
     def __init__(self, query_encoder: TextEncoder, generator: Generator, index: SearchIndex, tau: float = 0.05,
                  posterior_encoder: TextEncoder | None = None, passage_encoder: TextEncoder | None = None,
@@ -62,10 +89,28 @@ class RagModel(nn.Module):
         self.rerank_top_m = int(rerank_top_m)          # > k: re-rank the index's top-M with the passage encoder
         self.index = index               # a SearchIndex (not a module: it is not trained here)
         self.tau = tau
+        self.hybrid_k = 0                # H: BM25's top-H join the dense top-K (attach_bm25)
+        self.bm25 = None                 # pipeline.index.bm25.Bm25Index over the index's rows
 
     def set_index(self, index: SearchIndex) -> None:
         """Switch to another index version (an index refresh); call it between steps, never inside one."""
-        self.index = index
+        old, self.index = self.index, index
+        # a refreshed version holds the same passages in the same rows: its BM25 is the one we have
+        if self.bm25 is not None and list(old.ids) != list(index.ids):
+            self.attach_bm25(self.hybrid_k)
+
+    def attach_bm25(self, hybrid_k: int) -> "RagModel":
+        """Hybrid candidates: BM25's top-`hybrid_k` join the dense top-K in `retrieve` (0 = dense only). The BM25
+        index is loaded from the index version's `bm25/`, or built there once."""
+        from pipeline.index.bm25 import open_bm25     # bm25s (and scipy): only where hybrid candidates are used
+
+        self.hybrid_k = int(hybrid_k)
+        self.bm25 = open_bm25(self.index) if self.hybrid_k > 0 else None
+        return self
+
+    def width(self, k: int) -> int:
+        """How many candidates `retrieve(questions, k)` returns: k, or k + H with hybrid candidates."""
+        return k + (self.hybrid_k if self.bm25 is not None else 0)
 
     def add_posterior_encoder(self) -> TextEncoder:
         """Create q(z|x,y) as a copy of the prior query encoder (same weights), unless there is one already."""
@@ -105,9 +150,27 @@ class RagModel(nn.Module):
         p = self.index.passage(int(row))
         return passage_text(p.get("title", ""), p["text"])
 
+    def prior_rows(self, questions: list[str], query_vectors: torch.Tensor, k: int) -> np.ndarray:
+        """The prior's candidate rows [B, width(k)]: the dense top-k, or with hybrid candidates the dense top-k
+        united with BM25's top-H (`hybrid_union`), ordered by dense score (the first is the dense top-1)."""
+        if self.bm25 is None or self.hybrid_k <= 0:
+            return self.search_rows(query_vectors, k)
+        width = self.width(k)
+        if width > len(self.index.ids):
+            raise ValueError(f"k={k} + retriever.hybrid_k={self.hybrid_k} candidates: more than the index holds "
+                             f"({len(self.index.ids)})")
+        dense = self.search_rows(query_vectors, width)
+        _, sparse = self.bm25.search(questions, self.hybrid_k)
+        rows = hybrid_union(dense, sparse, k)
+        with torch.no_grad():
+            scores = self.score_rows(query_vectors.detach(), rows).float().cpu().numpy()
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(rows, order, axis=1)
+
     def retrieve(self, questions: list[str], k: int) -> Candidates:
+        """The prior's candidates: the top-k (with hybrid candidates, k + H: see `prior_rows`)."""
         q = self.query_encoder(questions)
-        return self.candidates(self.search_rows(q, k), q)
+        return self.candidates(self.prior_rows(questions, q, k), q)
 
     def posterior_vectors(self, questions: list[str], answers: list[str]) -> torch.Tensor:
         if self.posterior_encoder is None:

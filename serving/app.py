@@ -123,13 +123,25 @@ def _retrieve_group(model, items: list[RetrieveItem]) -> list[Retrieved]:
     questions = [it.question for it in items]
     kmax = max(it.k for it in items)
     with torch.no_grad():
-        cand = model.retrieve(questions, kmax)
-        scores = model.doc_scores(questions, cand).float().cpu()
+        q = model.query_encoder(questions)
+        # dense: one search for the largest k serves every item's top k; hybrid (retriever.hybrid_k): the k + H
+        # candidates of each k, as evaluation reads them
+        if model.width(kmax) == kmax:
+            groups = {kmax: list(range(len(items)))}
+        else:
+            groups = defaultdict(list)
+            for i, it in enumerate(items):
+                groups[it.k].append(i)
+        found = {}
+        for k, idx in groups.items():
+            rows = model.prior_rows([questions[i] for i in idx], q[idx], k)
+            scores = model.score_rows(q[idx], rows).float().cpu()
+            found.update((i, (rows[j], scores[j])) for j, i in enumerate(idx))
     out = []
     for i, it in enumerate(items):
-        k = it.k
-        rows = [int(r) for r in cand.rows[i, :k]]
-        s = scores[i, :k]
+        n = model.width(it.k)
+        rows = [int(r) for r in found[i][0][:n]]
+        s = found[i][1][:n]
         prob = torch.softmax(s, -1).tolist()
         passages = []
         for j, row in enumerate(rows):
@@ -216,7 +228,8 @@ def _decode_group(gen, items: list[AnswerItem], thorough: bool, on_step=None) ->
     # earlier chat turns reach a generator with a chat prompt (hf-causal with chat_template); others ignore them
     used = getattr(gen, "uses_history", False)
     histories = [it.history for it in items] if used and any(it.history for it in items) else None
-    common = dict(k=first.k, num_beams=first.num_beams, max_len=first.max_new_tokens, candidates=cand,
+    # every passage the Retriever found: k, or k + H with hybrid candidates (same for the whole group)
+    common = dict(k=cand.rows.shape[1], num_beams=first.num_beams, max_len=first.max_new_tokens, candidates=cand,
                   doc_scores=scores, histories=histories)
     with torch.no_grad():
         if first.mode == "rag-sequence":
@@ -481,13 +494,16 @@ class Ingress:
 
     # ---- helpers
     def _k(self, k: int | None) -> int:
-        """The request's k (default: default_k, capped at the index size), refused beyond what the index holds."""
-        limit = min(self.args.max_k, self.active.index_count or self.args.max_k)
+        """The request's k (default: default_k, capped at the index size), refused beyond what the index holds
+        (with hybrid candidates, k + hybrid_k passages are read)."""
+        h = self.active.hybrid_k
+        limit = min(self.args.max_k, self.active.index_count - h if self.active.index_count else self.args.max_k)
         if k is None:
             return min(self.args.default_k, limit)
         if k > limit:
+            plus = f", {h} more from BM25 per question" if h else ""
             raise HTTPException(422, f"k={k} is out of range: this server allows 1..{limit} "
-                                     f"(max_k {self.args.max_k}, index holds {self.active.index_count} passages)")
+                                     f"(max_k {self.args.max_k}, index holds {self.active.index_count} passages{plus})")
         return k
 
     def _failed(self, out: ItemError, rid: str) -> HTTPException:

@@ -11,7 +11,7 @@ model/ held rag.json are rebuilt into a checkpoint here (rag.json derived from c
 the index looked up at `<config output_dir>/index/<version>`).
 
 What was evaluated is what is served: the trained passage encoder and its re-rank depth (`index.rerank_top_m`)
-when the checkpoint has one, tau, and the checkpoint's eval settings (eval.k, eval.decode, eval.num_beams, the
+when the checkpoint has one, hybrid candidates (`retriever.hybrid_k`: BM25 from the index version's bm25/), tau, and the checkpoint's eval settings (eval.k, eval.decode, eval.num_beams, the
 estimator's decoder) as the defaults of requests and of the application args that were not given.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ class ModelRef:
     index_count: int = 0
     # what the checkpoint was evaluated with (its config.yaml): the serving defaults
     rerank_top_m: int = 0       # > 0 with a trained passage encoder: re-rank the index's top-M with it
+    hybrid_k: int = 0           # retriever.hybrid_k: BM25's top-H join the dense top-k (k + H passages)
     eval_k: int | None = None
     decode: str | None = None
     num_beams: int | None = None
@@ -209,7 +210,8 @@ def _checkpoint_settings(ckpt: Path, has_passage_encoder: bool) -> dict:
     cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
     ev, train, idx = cfg.get("eval") or {}, cfg.get("train") or {}, cfg.get("index") or {}
     out = {"eval_k": ev.get("k"), "decode": ev.get("decode"), "num_beams": ev.get("num_beams"),
-           "rerank_top_m": int(idx.get("rerank_top_m") or 0) if has_passage_encoder else 0}
+           "rerank_top_m": int(idx.get("rerank_top_m") or 0) if has_passage_encoder else 0,
+           "hybrid_k": int((cfg.get("retriever") or {}).get("hybrid_k") or 0)}
     try:
         out["decoder"] = decoder_for(train["estimator"]) if train.get("estimator") else None
     except ValueError:                     # an estimator this installation does not know: no default mode
@@ -284,7 +286,8 @@ def request_defaults(req, ref: ModelRef):
 # ------------------------------------------------------------------------------------------------ loading parts
 def load_retriever_part(ref: ModelRef):
     """RagModel with the query encoder, the trained passage encoder and its re-rank depth when the checkpoint has
-    one (scores and order as in evaluation), and the index (the Retriever deployment's share)."""
+    one (scores and order as in evaluation), the index, and its BM25 index when the checkpoint was trained with
+    hybrid candidates (the Retriever deployment's share)."""
     from pipeline.index import load_index
     from pipeline.models.retriever import load_encoder
     from pipeline.rag import RagModel
@@ -293,8 +296,11 @@ def load_retriever_part(ref: ModelRef):
     encoder = load_encoder(Path(ref.checkpoint) / "query_encoder")
     passage_dir = Path(ref.checkpoint) / "passage_encoder"
     passage = load_encoder(passage_dir) if passage_dir.is_dir() else None
-    return RagModel(encoder, None, index, tau=ref.tau, passage_encoder=passage,
-                    rerank_top_m=ref.rerank_top_m if passage is not None else 0).eval()
+    model = RagModel(encoder, None, index, tau=ref.tau, passage_encoder=passage,
+                     rerank_top_m=ref.rerank_top_m if passage is not None else 0).eval()
+    if ref.hybrid_k > 0:        # the version's BM25 index (bm25/, built there if missing): the candidates of eval
+        model.attach_bm25(ref.hybrid_k)
+    return model
 
 
 def load_generator_part(ref: ModelRef):

@@ -1,7 +1,7 @@
 """`jsa`: joint stochastic approximation for RAG (JSA-RAG, arXiv 2508.18168).
 
 Per example:
-  1. C = prior top-K ∪ posterior top-K (∪ the cached passage of this example, when it has one), searched
+  1. C = prior top-K (with `retriever.hybrid_k`, the prior's hybrid K + H) ∪ posterior top-K (∪ the cached passage of this example, when it has one), searched
      without gradient; p(z|x) and q(z|x,y) are softmax(score / tau) normalised over C (as in the reference code).
   2. n proposals h'_1..h'_n ~ q(z|x,y) (with replacement). Every distinct proposal (and the chain's start) is scored
      once, in one batched no-grad generator pass: l(h) = log p(y|x,h), exact (sum over tokens) or length-normalised
@@ -135,7 +135,8 @@ class Jsa(Estimator):
         b, n = len(questions), self.cfg.num_proposals
         prior_q = model.query_encoder(questions)                                   # grad -> prior
         post_q = model.posterior_vectors(questions, answers)                       # grad -> posterior
-        prior_rows, post_rows = model.search_rows(prior_q, self.k), model.search_rows(post_q, self.k)
+        # the prior's candidates (with hybrid candidates, BM25's top-H too); the posterior searches densely
+        prior_rows, post_rows = model.prior_rows(questions, prior_q, self.k), model.search_rows(post_q, self.k)
         keys = self.keys(questions, rows)
         row_of = self._row_lookup(model) if self.cfg.cache and self.cache else {}
         sets, init = [], []

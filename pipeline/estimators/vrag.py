@@ -8,8 +8,9 @@ Gradients: generator through the q-weighted NLL; prior through the KL; posterior
 (d/dq of sum_k q_k [NLL_k + beta log(q_k / p_k)]: exact, no sampling).
 
 `estimator.vrag_candidates`: `posterior` = C is the posterior's top-K (VRAG as published); `union` = C is the
-prior's top-K ∪ the posterior's top-K (as JSA's C), so q can choose the passages the prior ranks first and the prior
-is pushed down on its own wrong candidates; it scores up to 2K passages per example.
+prior's top-K (with `retriever.hybrid_k`, its hybrid K + H) ∪ the posterior's top-K (as JSA's C), so q can choose
+the passages the prior ranks first and the prior is pushed down on its own wrong candidates; it scores up to 2K
+passages per example.
 
 `estimator.vrag_mode`: `enumerated` (the default, above) scores every member of C; `sampled` is the score-function
 VRAG the JSA paper compares against: S = `estimator.vrag_num_samples` passages z_1..z_S ~ q over C (with replacement,
@@ -99,7 +100,7 @@ class Vrag(Estimator):
         prior_q = model.query_encoder(questions)
         mask = None
         if self.cfg.candidates == "union":
-            c_rows, mask = union_rows(model.search_rows(prior_q, self.k), cand.rows)
+            c_rows, mask = union_rows(model.prior_rows(questions, prior_q, self.k), cand.rows)
             cand = model.candidates(c_rows, cand.query_vectors)
             mask = mask.to(prior_q.device)
         post_scores = model.score_rows(cand.query_vectors, cand.rows)         # grad -> posterior encoder

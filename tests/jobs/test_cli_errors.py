@@ -147,7 +147,8 @@ def test_missing_passages_directory_names_ingest(tmp_path, capsys, no_ray):
     assert "passages directory not found" in err and "latentrag ingest" in err
 
 
-@pytest.mark.parametrize("setting, key", [("train.k=10", "train.k=10"), ("eval.k=7", "eval.k=7")])
+@pytest.mark.parametrize("setting, key", [("train.k=10", "train.k=10"), ("eval.k=7", "eval.k=7"),
+                                          ("retriever.hybrid_k=1", "train.k=2 + retriever.hybrid_k=1")])
 def test_k_above_the_corpus_size_is_refused_before_ingest(files, tmp_path, capsys, no_ray, setting, key):
     corpus, qa = files                                   # two passages
     out = tmp_path / "out"

@@ -75,3 +75,24 @@ def test_train_cli_resumes_from_checkpoint(demo_run, tmp_path):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 6                       # 4 steps from the demo + 2 more, not 6 from scratch
+
+
+@pytest.mark.ray
+def test_train_with_hybrid_candidates_records_them_and_its_model_loads_them(demo_run, tmp_path):
+    """retriever.hybrid_k through the real job: the driver builds the version's BM25 index once, the Ray Train worker
+    loads it, metrics say how many candidates were read, and the checkpoint loads with BM25."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.index.bm25 import BM25_DIR
+
+    out, data = tmp_path / "hybrid", demo_run / "data"
+    rc = train.main(["--corpus", str(demo_run / "passages"), "--train-qa", str(data / "train.jsonl"),
+                     "--eval-qa", str(data / "test.jsonl"), "--estimator", "jsa", "--max-steps", "2",
+                     "--output-dir", str(out), "--index", str(demo_run / "index"), "--set", "retriever.hybrid_k=2",
+                     "--set", "train.batch_size=2", "--set", "eval.max_questions=4", "--set", "train.k=3",
+                     "--set", "eval.k=3", "--set", "estimator.jsa_num_proposals=2"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["hybrid_k"] == 2 and m["candidates"] == 5 and m["initial"]["candidates"] == 5 and m["steps"] == 2
+    assert (demo_run / "index" / m["index_version"] / BM25_DIR).is_dir()
+    model, cfg, _ = load_checkpoint(out / "checkpoint")
+    assert cfg.retriever.hybrid_k == 2 and model.bm25 is not None and model.retrieve(["Who?"], 3).rows.shape == (1, 5)

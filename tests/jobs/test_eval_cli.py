@@ -64,3 +64,13 @@ def test_metrics_record_k(checkpoint, tmp_path, extra, k):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["k"] == k                    # [] = the checkpoint's eval.k (5)
     assert metrics["num_beams"] == 1 and metrics["decode"] == "fast" and metrics["num_questions"] == 1
+
+
+def test_hybrid_k_reads_k_plus_h_candidates_and_is_refused_beyond_the_index(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _eval(checkpoint, out, "--k", "5", "--hybrid-k", "2") == 2        # 5 + 2 > 6 passages
+    err = capsys.readouterr().err
+    assert "--k 5 + 2 BM25 candidates (hybrid_k)" in err and "between 1 and 4" in err and not out.exists()
+    assert _eval(checkpoint, out, "--k", "2", "--hybrid-k", "2") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hybrid_k"] == 2 and metrics["candidates"] == 4 and metrics["k"] == 2
