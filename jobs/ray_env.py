@@ -13,8 +13,19 @@ import ray
 
 
 def worker_env(extra: dict | None = None) -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-            **{k: str(v) for k, v in (extra or {}).items()}}
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("RAY_ADDRESS"):
+        # the cluster this job runs on: Ray Train's helper actors look Ray up through the state API, which
+        # otherwise refuses to choose when a host runs more than one Ray ("Found multiple active Ray instances")
+        env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
+    return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
+
+
+def inside_job_package(path: str | os.PathLike) -> bool:
+    """Whether `path` lies in the copy of `--working-dir` Ray unpacked for this job: Ray deletes it with the
+    cluster, and a later `ray job submit` of changed code gets another one (outputs there are lost)."""
+    cwd = os.getcwd()
+    return "working_dir_files" in cwd.split(os.sep) and os.path.abspath(path).startswith(cwd + os.sep)
 
 
 def ensure_ray(extra_env: dict | None = None) -> bool:
@@ -24,6 +35,20 @@ def ensure_ray(extra_env: dict | None = None) -> bool:
     plain_logs()
     ray.init(runtime_env={"env_vars": worker_env(extra_env)})
     return True
+
+
+def node_name() -> str:
+    """This process's Ray node as errors name it: its IP and node id (two nodes on one host share the IP)."""
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    node_id = ctx.get_node_id() if ctx is not None else None
+    return f"node {ray.util.get_node_ip_address()}" + (f" (id {node_id[:12]})" if node_id else "")
+
+
+def error_message(exc: BaseException) -> str:
+    """What a job prints for `exc`: a Ray task's exception is re-raised in the driver as RayTaskError, whose text is
+    the remote traceback; its cause's own message (which names the file and the node) is the one to show."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if isinstance(exc, ray.exceptions.RayError) and isinstance(cause, BaseException) else str(exc)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.guard import DriverGuard
 from jobs.index import build_index
-from jobs.ray_env import ensure_ray
+from jobs.ray_env import ensure_ray, error_message, inside_job_package
 from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import open_search_index
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
@@ -444,6 +444,8 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps. `overwrite`: remove
     the previous run's results and Ray Train copies first (`clear_previous_run`)."""
     output_dir = Path(output_dir).resolve()
+    passages_dir = Path(passages_dir).resolve() if passages_dir is not None else None   # read on every node
+    index_dir = Path(index_dir).resolve() if index_dir is not None else None
     plan = plan_resume(output_dir) if resume else None       # nothing to resume: refused before any write
     if overwrite and not resume:
         clear_previous_run(output_dir)
@@ -647,7 +649,14 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("corpus", "train_qa", "eval_qa"):
             if not getattr(cfg.data, key):
                 raise ConfigError(f"data.{key}: required (--{key.replace('_', '-')} or the config)")
+        # absolute from here on: under `ray job submit --working-dir` every node unpacks the working dir into a
+        # directory of its own, so a relative path means a different place in each worker
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())
         output_dir = Path(cfg.output_dir)
+        if inside_job_package(output_dir):
+            print(f"warning: output_dir {output_dir} is inside this job's copy of --working-dir, which Ray deletes "
+                  "with the cluster (and a resubmitted job gets another one): pass --output-dir on storage every "
+                  "node sees", file=sys.stderr, flush=True)
         # everything below up to run_training only reads: a refused setting leaves no output behind
         check_model_paths(cfg)
         check_output_dir(output_dir.resolve(), args.resume, args.overwrite)
@@ -670,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,
                                index_dir=args.index, overwrite=args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoints up to the last train.checkpoint_every step are kept in {output_dir}; "
