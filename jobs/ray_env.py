@@ -51,6 +51,38 @@ def error_message(exc: BaseException) -> str:
     return str(cause) if isinstance(exc, ray.exceptions.RayError) and isinstance(cause, BaseException) else str(exc)
 
 
+def _missing(paths: dict[str, str]) -> tuple[str, list[tuple[str, str]]]:
+    """Ray task body: this node's name and the (what, path) pairs it cannot see."""
+    return node_name(), [(what, p) for what, p in paths.items() if not os.path.exists(p)]
+
+
+def check_paths_on_nodes(paths: dict[str, str | os.PathLike | None], timeout_s: float = 300,
+                         include_this_node: bool = False) -> int:
+    """Every alive node of the cluster must see each path the job's tasks and workers will read or write (a
+    one-off zero-CPU task pinned to each node, so none waits for a free CPU): else FileNotFoundError naming each
+    node and path it lacks, before any training starts. The driver's own node is skipped (the driver has already
+    read them) unless `include_this_node`. Returns the number of nodes checked."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    wanted = {what: str(p) for what, p in paths.items() if p is not None}
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and (include_this_node or n["NodeID"] != here)]
+    if not wanted or not nodes:
+        return 0
+    task = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(wanted)
+            for n in nodes]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [n[:12] for n, r in zip(nodes, refs) if r in pending]
+        raise TimeoutError(f"node(s) {', '.join(late)} did not answer the path check within {timeout_s:g}s")
+    problems = [f"{name} cannot see {what} {p}" for name, missing in ray.get(refs) for what, p in missing]
+    if problems:
+        raise FileNotFoundError("; ".join(problems) + ": every node needs these paths (a shared filesystem mounted "
+                                "at the same place on each node)")
+    return len(nodes)
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
