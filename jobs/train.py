@@ -476,6 +476,7 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     own_ray = ensure_ray()
     watch_ray = guard.watch_local_ray if guard is not None and own_ray else (lambda: 0)
     watch_ray()                            # the local Ray this driver started goes when the driver is killed
+    check_train_resources(cfg)
     checked = check_paths_on_nodes(paths_every_node_needs(cfg, output_dir, passages_dir, index_dir))
     if checked:
         _log(f"[cluster] {checked} other node(s) see the output dir, passages, index and model paths")
@@ -549,6 +550,30 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     finally:
         if guard is not None:
             guard.close()
+
+
+def check_train_resources(cfg: Config) -> None:
+    """The train workers must fit on the cluster's nodes as they are, or Ray Train waits for them forever (after
+    ingest and encoding): refused here with the numbers, unless train.wait_for_resources (an autoscaling cluster
+    starts the nodes on demand). A worker's CPUs (and GPU) must all be on one node."""
+    import ray
+
+    if cfg.train.wait_for_resources:
+        return
+    need = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    need = {k: v for k, v in need.items() if v > 0}
+    if not need:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(int(r.get(k, 0.0) // v) for k, v in need.items()) for r in nodes)
+    if fits < cfg.train.num_workers:
+        each = ", ".join(f"{k} {v:g}" for k, v in need.items())
+        have = "; ".join(", ".join(f"{k} {r.get(k, 0.0):g}" for k in need) for r in nodes)
+        raise ConfigError(
+            f"train.num_workers={cfg.train.num_workers} workers of {each} each (train.cpus_per_worker"
+            f"{', train.use_gpu' if cfg.train.use_gpu else ''}) do not fit on this cluster: its {len(nodes)} node(s) "
+            f"have [{have}] and hold {fits}; lower train.num_workers or train.cpus_per_worker, add nodes, or set "
+            "train.wait_for_resources=true on an autoscaling cluster")
 
 
 def paths_every_node_needs(cfg: Config, output_dir: Path, passages_dir: Path | None,

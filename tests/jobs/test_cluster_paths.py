@@ -93,3 +93,20 @@ def test_path_check_names_node_and_path_and_a_task_error_prints_its_own_message(
     with pytest.raises(FileNotFoundError) as info:
         ray.get(fails.remote())
     assert error_message(info.value) == '{"file": "x.parquet"}'              # not the remote traceback
+
+
+@pytest.mark.ray
+def test_train_workers_that_no_node_can_place_are_refused_with_the_numbers(ray_local):
+    from jobs.train import check_train_resources
+    from pipeline.config import ConfigError, load_config
+
+    cpus = int(ray_local.cluster_resources()["CPU"])        # the shared local Ray: one node
+    check_train_resources(load_config(None, [f"train.num_workers={cpus}", "train.cpus_per_worker=1"]))
+    too_many = load_config(None, [f"train.num_workers={cpus + 1}", "train.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match=rf"train.num_workers={cpus + 1} workers of CPU 1 each .* its 1 node\(s\) "
+                                          rf"have \[CPU {cpus}\] and hold {cpus};"):
+        check_train_resources(too_many)
+    with pytest.raises(ConfigError, match=r"workers of CPU 1, GPU 1 each .*have \[CPU \d+, GPU 0\] and hold 0"):
+        check_train_resources(load_config(None, ["train.use_gpu=true"]))
+    # an autoscaling cluster starts nodes on demand: waiting is what the user asked for
+    check_train_resources(load_config(None, [f"train.num_workers={cpus + 1}", "train.wait_for_resources=true"]))
