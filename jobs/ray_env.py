@@ -14,10 +14,12 @@ import ray
 
 def worker_env(extra: dict | None = None) -> dict[str, str]:
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get("RAY_ADDRESS"):
-        # the cluster this job runs on: Ray Train's helper actors look Ray up through the state API, which
-        # otherwise refuses to choose when a host runs more than one Ray ("Found multiple active Ray instances")
-        env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and not address.startswith("ray://"):
+        # the cluster this job runs on (a GCS address, as `ray job submit` sets it; never a Ray Client address):
+        # Ray Train's helper actors look Ray up through the state API, which otherwise refuses to choose when a
+        # host runs more than one Ray ("Found multiple active Ray instances")
+        env["RAY_ADDRESS"] = address
     return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
 
 
