@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.ray_env import ensure_ray
+from jobs.ray_env import ensure_ray, node_name
 from pipeline.data import write_json
 from pipeline.embeddings import (DTYPES, PATH_COL, SETTINGS_NAME, SUMMARY_NAME, ShardWriter,
                                  encode_settings, passage_files, prepare_out_dir, shard_output_name, shard_records,
@@ -181,7 +181,9 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        ("threads_per_actor", threads_per_actor), ("encode_batch_size", encode_batch_size)):
         if int(value) < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
-    files = passage_files(passages_dir)
+    # absolute: read tasks run on other nodes, whose working directory is their own copy of the job's working_dir
+    passages_dir = Path(passages_dir).resolve()
+    files = [str(Path(f).resolve()) for f in passage_files(passages_dir)]
     names = [Path(f).name for f in files]
     if len(set(names)) != len(names):
         raise ValueError(f"{passages_dir}: passage shard names must be unique")
@@ -314,7 +316,12 @@ def _read_row_groups(items: pa.Table, columns: list[str]) -> Iterator[pa.Table]:
     rows_per_read rows at a time."""
     schema = pa.schema([(c, pa.string()) for c in columns])
     for path, rg, rows in zip(*(items.column(c).to_pylist() for c in ("file", "row_group", "rows_per_read"))):
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except OSError as exc:
+            # the driver saw this file; a node that cannot is a storage problem: say which node and which file
+            raise FileNotFoundError(f"{path}: not readable on {node_name()} ({exc}); the passages must be on storage "
+                                    "every node sees (a shared filesystem path)") from exc
         try:
             for rb in pf.iter_batches(batch_size=int(rows), row_groups=[int(rg)], columns=columns):
                 t = pa.Table.from_batches([rb]).select(columns).cast(schema)

@@ -51,6 +51,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     built in one process (FAISS's OpenMP threads: HNSW graphs do not merge). `encoder_name` (default: `encoder`) is
     what the manifest records. `bm25`: also build the version's BM25 index (`bm25/`, hybrid candidates).
     Raises FileNotFoundError for a missing passage directory or encoder path before anything is written."""
+    passages_dir = Path(passages_dir).resolve()      # read by Ray tasks on other nodes (see encode_passages)
     files = passage_files(passages_dir)
     resolve_encoder_path(encoder)
     _check_index_params(index_type, index_params)

@@ -13,8 +13,21 @@ import ray
 
 
 def worker_env(extra: dict | None = None) -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-            **{k: str(v) for k, v in (extra or {}).items()}}
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and not address.startswith("ray://"):
+        # the cluster this job runs on (a GCS address, as `ray job submit` sets it; never a Ray Client address):
+        # Ray Train's helper actors look Ray up through the state API, which otherwise refuses to choose when a
+        # host runs more than one Ray ("Found multiple active Ray instances")
+        env["RAY_ADDRESS"] = address
+    return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
+
+
+def inside_job_package(path: str | os.PathLike) -> bool:
+    """Whether `path` lies in the copy of `--working-dir` Ray unpacked for this job: Ray deletes it with the
+    cluster, and a later `ray job submit` of changed code gets another one (outputs there are lost)."""
+    cwd = os.getcwd()
+    return "working_dir_files" in cwd.split(os.sep) and os.path.abspath(path).startswith(cwd + os.sep)
 
 
 def ensure_ray(extra_env: dict | None = None) -> bool:
@@ -24,6 +37,52 @@ def ensure_ray(extra_env: dict | None = None) -> bool:
     plain_logs()
     ray.init(runtime_env={"env_vars": worker_env(extra_env)})
     return True
+
+
+def node_name() -> str:
+    """This process's Ray node as errors name it: its IP and node id (two nodes on one host share the IP)."""
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    node_id = ctx.get_node_id() if ctx is not None else None
+    return f"node {ray.util.get_node_ip_address()}" + (f" (id {node_id[:12]})" if node_id else "")
+
+
+def error_message(exc: BaseException) -> str:
+    """What a job prints for `exc`: a Ray task's exception is re-raised in the driver as RayTaskError, whose text is
+    the remote traceback; its cause's own message (which names the file and the node) is the one to show."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if isinstance(exc, ray.exceptions.RayError) and isinstance(cause, BaseException) else str(exc)
+
+
+def _missing(paths: dict[str, str]) -> tuple[str, list[tuple[str, str]]]:
+    """Ray task body: this node's name and the (what, path) pairs it cannot see."""
+    return node_name(), [(what, p) for what, p in paths.items() if not os.path.exists(p)]
+
+
+def check_paths_on_nodes(paths: dict[str, str | os.PathLike | None], timeout_s: float = 300,
+                         include_this_node: bool = False) -> int:
+    """Every alive node of the cluster must see each path the job's tasks and workers will read or write (a
+    one-off zero-CPU task pinned to each node, so none waits for a free CPU): else FileNotFoundError naming each
+    node and path it lacks, before any training starts. The driver's own node is skipped (the driver has already
+    read them) unless `include_this_node`. Returns the number of nodes checked."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    wanted = {what: str(p) for what, p in paths.items() if p is not None}
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and (include_this_node or n["NodeID"] != here)]
+    if not wanted or not nodes:
+        return 0
+    task = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(wanted)
+            for n in nodes]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [n[:12] for n, r in zip(nodes, refs) if r in pending]
+        raise TimeoutError(f"node(s) {', '.join(late)} did not answer the path check within {timeout_s:g}s")
+    problems = [f"{name} cannot see {what} {p}" for name, missing in ray.get(refs) for what, p in missing]
+    if problems:
+        raise FileNotFoundError("; ".join(problems) + ": every node needs these paths (a shared filesystem mounted "
+                                "at the same place on each node)")
+    return len(nodes)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

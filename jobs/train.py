@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.guard import DriverGuard
 from jobs.index import build_index
-from jobs.ray_env import ensure_ray
+from jobs.ray_env import check_paths_on_nodes, ensure_ray, error_message, inside_job_package
 from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import open_search_index
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
@@ -41,6 +41,7 @@ from pipeline.models import hf_causal
 from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
 from pipeline.progress import Progress, format_seconds
 from pipeline.recipe import Events, TrainRecipe, evaluate_run
+from pipeline.storage import fetch_input, is_uri, shared_path
 from pipeline.tracking import Tracker, code_lineage, default_tracking_uri
 
 # Imported where used, because they are heavy (1-3 s each, and `latentrag train --help` should not wait):
@@ -76,8 +77,8 @@ def _attach_mlflow(tracking_uri: str, run_id: str):
 
 
 class _Trace:
-    """OUTPUT_DIR/trace/rank<r>.jsonl (train.trace): this worker's pid at start and the example indices of every
-    step, so a test can kill a worker for real and check that no example was lost."""
+    """OUTPUT_DIR/trace/rank<r>.jsonl (train.trace): this worker's pid and Ray node at start and the example
+    indices of every step, so a test can kill a worker for real and check that no example was lost."""
 
     def __init__(self, out_dir: str | None, rank: int, enabled: bool):
         self.path = Path(out_dir) / "trace" / f"rank{rank}.jsonl" if enabled and out_dir else None
@@ -140,9 +141,9 @@ class RayTrainEvents(Events):
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker. `config` holds the resolved run config and paths, all plain values."""
+    import ray
     import ray.train
     import ray.train.torch
-
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -173,7 +174,8 @@ def train_loop_per_worker(config: dict) -> None:
     if recipe.resumed_from is not None and rank == 0:
         _log(f"[train] resumed from {origin} at step {recipe.step}")
     trace = _Trace(cfg.output_dir, rank, cfg.train.trace)
-    trace.write(event="start", pid=os.getpid(), step=recipe.step, world_size=world,
+    trace.write(event="start", pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
+                step=recipe.step, world_size=world,
                 estimator_state_size=sum(len(v) if isinstance(v, dict) else 1
                                          for v in recipe.trainer.estimator.state_dict().values()))
     mlflow = _attach_mlflow(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") \
@@ -449,6 +451,8 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     `resume`: continue the run in `output_dir` (see `plan_resume`) and end at train.max_steps. `overwrite`: remove
     the previous run's results and Ray Train copies first (`clear_previous_run`)."""
     output_dir = Path(output_dir).resolve()
+    passages_dir = Path(passages_dir).resolve() if passages_dir is not None else None   # read on every node
+    index_dir = Path(index_dir).resolve() if index_dir is not None else None
     plan = plan_resume(output_dir) if resume else None       # nothing to resume: refused before any write
     if overwrite and not resume:
         clear_previous_run(output_dir)
@@ -477,6 +481,10 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     own_ray = ensure_ray()
     watch_ray = guard.watch_local_ray if guard is not None and own_ray else (lambda: 0)
     watch_ray()                            # the local Ray this driver started goes when the driver is killed
+    check_train_resources(cfg)
+    checked = check_paths_on_nodes(paths_every_node_needs(cfg, output_dir, passages_dir, index_dir))
+    if checked:
+        _log(f"[cluster] {checked} other node(s) see the output dir, passages, index and model paths")
     if plan:
         _log(f"[train] resuming {output_dir} at step {plan['step']} of {cfg.train.max_steps} "
              f"({'Ray Train run ' + plan['ray_run_name'] if 'ray_run_name' in plan else plan['checkpoint']})")
@@ -547,6 +555,44 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
     finally:
         if guard is not None:
             guard.close()
+
+
+def check_train_resources(cfg: Config) -> None:
+    """The train workers must fit on the cluster's nodes as they are, or Ray Train waits for them forever (after
+    ingest and encoding): refused here with the numbers, unless train.wait_for_resources (an autoscaling cluster
+    starts the nodes on demand). A worker's CPUs (and GPU) must all be on one node."""
+    import ray
+
+    if cfg.train.wait_for_resources:
+        return
+    need = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    need = {k: v for k, v in need.items() if v > 0}
+    if not need:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(int(r.get(k, 0.0) // v) for k, v in need.items()) for r in nodes)
+    if fits < cfg.train.num_workers:
+        each = ", ".join(f"{k} {v:g}" for k, v in need.items())
+        have = "; ".join(", ".join(f"{k} {r.get(k, 0.0):g}" for k in need) for r in nodes)
+        raise ConfigError(
+            f"train.num_workers={cfg.train.num_workers} workers of {each} each (train.cpus_per_worker"
+            f"{', train.use_gpu' if cfg.train.use_gpu else ''}) do not fit on this cluster: its {len(nodes)} node(s) "
+            f"have [{have}] and hold {fits}; lower train.num_workers or train.cpus_per_worker, add nodes, or set "
+            "train.wait_for_resources=true on an autoscaling cluster")
+
+
+def paths_every_node_needs(cfg: Config, output_dir: Path, passages_dir: Path | None,
+                           index_dir: Path | None) -> dict[str, str | None]:
+    """What Ray tasks and Train workers on any node open: the output dir (checkpoints, traces, the index), the
+    passages (encode read tasks, refreshes), an --index, and model directories given as absolute paths (a relative
+    one travels in --working-dir; a hub name or the embedded MiniLM is each node's own install)."""
+    paths = {"the output dir": str(output_dir), "the passages": passages_dir and str(passages_dir),
+             "the index": index_dir and str(index_dir)}
+    for key, value in (("retriever.encoder", cfg.retriever.encoder),
+                       ("generator.name_or_path", getattr(cfg.generator, "name_or_path", None))):
+        if value and os.path.isabs(os.path.expanduser(str(value))):
+            paths[key] = os.path.expanduser(str(value))
+    return paths
 
 
 def check_model_paths(cfg: Config) -> None:
@@ -636,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir or "OUTPUT_DIR")
+    inputs = tempfile.TemporaryDirectory(prefix="latentrag-inputs-")    # local copies of inputs given as URIs
     try:
         overrides = list(args.set)
         if args.alias and not args.register:
@@ -652,35 +699,52 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("corpus", "train_qa", "eval_qa"):
             if not getattr(cfg.data, key):
                 raise ConfigError(f"data.{key}: required (--{key.replace('_', '-')} or the config)")
+        # absolute from here on: under `ray job submit --working-dir` every node unpacks the working dir into a
+        # directory of its own, so a relative path means a different place in each worker
+        cfg.output_dir = str(shared_path(cfg.output_dir).resolve())
+        index_arg = str(shared_path(args.index).resolve()) if args.index is not None else None
         output_dir = Path(cfg.output_dir)
+        if inside_job_package(output_dir):
+            print(f"warning: output_dir {output_dir} is inside this job's copy of --working-dir, which Ray deletes "
+                  "with the cluster (and a resubmitted job gets another one): pass --output-dir on storage every "
+                  "node sees", file=sys.stderr, flush=True)
         # everything below up to run_training only reads: a refused setting leaves no output behind
         check_model_paths(cfg)
         check_output_dir(output_dir.resolve(), args.resume, args.overwrite)
         if args.resume:
             plan_resume(output_dir.resolve())
-        train_rows = read_qa(cfg.data.train_qa)
-        eval_rows = read_qa(cfg.data.eval_qa)
-        dev_rows = read_qa(cfg.data.dev_qa) if cfg.data.dev_qa else None
+        def local(location: str) -> str:           # s3://, gs://, file://, ...: read through pyarrow.fs
+            return str(fetch_input(location, inputs.name))
+
+        train_rows = read_qa(local(cfg.data.train_qa))
+        eval_rows = read_qa(local(cfg.data.eval_qa))
+        dev_rows = read_qa(local(cfg.data.dev_qa)) if cfg.data.dev_qa else None
         passages = rows = None
-        if args.index is None:
-            passages, rows, count = read_passage_source(cfg.data.corpus, cfg)
+        if index_arg is None:
+            passages, rows, count = read_passage_source(local(cfg.data.corpus), cfg)
             check_k_fits(cfg, count, f"the corpus {cfg.data.corpus}")
             check_gold_ids(cfg, passage_ids_of(passages, rows), train_rows, dev_rows, eval_rows)
         else:
-            check_k_fits(cfg, int(read_index_manifest(args.index)["count"]), f"the index {args.index}")
+            check_k_fits(cfg, int(read_index_manifest(index_arg)["count"]), f"the index {index_arg}")
         print(where_things_go(output_dir.resolve(), default_tracking_uri(output_dir, cfg.mlflow.tracking_uri)),
               flush=True)
         if rows is not None:
             passages = write_passage_rows(rows, output_dir)
+        elif passages is not None and is_uri(cfg.data.corpus):
+            # an ingested passages directory fetched from a store: Ray tasks on every node read it, so it moves
+            # from this process's temporary copy to the output directory, which every node sees
+            passages = Path(shutil.copytree(passages, output_dir / "passages", dirs_exist_ok=True))
         metrics = run_training(cfg, output_dir, passages, train_rows, dev_rows, eval_rows, resume=args.resume,
-                               index_dir=args.index, overwrite=args.overwrite)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+                               index_dir=index_arg, overwrite=args.overwrite)
+    except (ConfigError, DataError, FileNotFoundError, ValueError, TimeoutError) as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoints up to the last train.checkpoint_every step are kept in {output_dir}; "
               "continue with the same command and --resume", file=sys.stderr)
         return 130
+    finally:
+        inputs.cleanup()
     print(results_table(metrics))
     print(f"metrics -> {output_dir / 'metrics.json'}")
     print(next_steps(output_dir.resolve() / "checkpoint", *[r["question"] for r in eval_rows[:1]]))

@@ -198,6 +198,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1           # logical CPUs Ray reserves per worker (the demo's); torch_threads computes
+    wait_for_resources: bool = False   # true: wait for nodes (an autoscaling cluster) instead of refusing a run
+                                       # whose workers the cluster's nodes cannot place now
     torch_threads: int = 2
 
 
