@@ -31,7 +31,8 @@ def reference_step(gen, state, prefix):
     enc = state["enc"]
     dec = gen.bart.decoder(input_ids=prefix, encoder_hidden_states=enc,
                            encoder_attention_mask=state["attention_mask"]).last_hidden_state[:, -1:]
-    vocab_logits, attn, p_gen = gen._heads_from_states(state, enc, dec, prefix[:, -1:])
+    vocab_logits, attn, p_gen, stop_prob = gen._heads_from_states(state, enc, dec, prefix[:, -1:])
+    assert stop_prob is None                       # the bart-encoder copy head has no stop slot
     n, vocab = dec.size(0), len(gen.out_position)
     vocab_prob = dec.new_zeros(n, 1, vocab).index_copy_(-1, gen.out_ids, torch.softmax(vocab_logits, -1))
     copy_prob = dec.new_zeros(n, 1, vocab).scatter_add_(-1, state["input_ids"].unsqueeze(1), attn)
