@@ -214,7 +214,9 @@ def bench_whole_commands(passages: Path, work: Path, cores: int, st_batch_size: 
 
 
 def _count(index_root: Path) -> int:
-    return int(json.loads((index_root / "current" / "manifest.json").read_text())["count"])
+    from pipeline.index import read_manifest
+
+    return int(read_manifest(index_root)["count"])
 
 
 def bench_scaling(passages: Path, work: Path, rounds: int, batch_size: int) -> dict:
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             whole = bench_whole_commands(passages, work, args.cores, args.st_batch_size, args.rounds,
                                          args.index_args.split())
             results["encode"] = {**whole, "target_ratio": 1.0, "padding": padding_accounting(
-                texts, args.st_batch_size, 2048, DEFAULT_ENCODE_TOKENS, DEFAULT_ENCODE_BATCH_SIZE)}
+                texts, args.st_batch_size, 2048, DEFAULT_ENCODE_TOKENS["cpu"], DEFAULT_ENCODE_BATCH_SIZE)}
             real = np.asarray(load_index(work / "whole-ray-1").embeddings, dtype=np.float32)
             _save(results, out)
         ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False,
@@ -662,11 +664,12 @@ def _table(r: dict) -> str:
         rc = r["refresh_cost"]
         lines += ["", f"refresh cost (one full re-encode) and the training time between refreshes that keeps it "
                       f"under {rc['max_share_of_training']:.0%}:"]
-        for row in rc["table"]:
-            if row["devices"] in (1, 8, 64):
-                lines.append(f"  {row['rate']:<38} {row['corpus'][:4]:>4} x{row['devices']:<3} "
-                             f"{row['refresh_minutes']:>9} min  -> every >= "
-                             f"{row['min_training_hours_between_refreshes']} h of training")
+        for rate in rc["rates"]:
+            for corpus in REFRESH_CORPORA:
+                rows = [row for row in rc["table"] if row["rate"] == rate and row["corpus"] == corpus]
+                lines.append(f"  {rate[:38]:<38} {corpus.split()[0]:>4}: " + ", ".join(
+                    f"{row['refresh_minutes']:.4g} min on {row['devices']} (every >= "
+                    f"{row['min_training_hours_between_refreshes']:.3g} h)" for row in rows))
     if "index" in r:
         i = r["index"]
         lines += ["", f"index at {i['vectors']} x {i['dim']} ({i['source']}: {i['vectors_are']})",

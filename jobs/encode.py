@@ -50,7 +50,10 @@ _STARTED_COL = "__encoder_started_at"   # time.time() when its __init__ began
 _PROBE_COL = "__encoder_probe_cosine"   # bfloat16/float16 actors: min cosine to float32 on their first batch
 _TB_COL = "__token_batch"               # forward-pass batch of a row, planned by the tokenize stage
 _TOK_COL = "__tokenize_s"               # seconds the tokenize stage spent per row (its window's time / rows)
-DEFAULT_ENCODE_TOKENS = 8192            # padded tokens per forward pass
+# padded tokens per forward pass, by actor device: on CPU 2048 (~26 passages of 77 tokens) ran 1.2x faster than
+# 8192 in the actor (cache-sized matmuls, less padding; one thread, alternated runs); on a GPU about what 256
+# rows of 128 tokens were before (not tuned yet: benchmarks/encode_gpu_check.py measures it)
+DEFAULT_ENCODE_TOKENS = {"cpu": 2048, "cuda": 32768}
 DEFAULT_ENCODE_BATCH_SIZE = 256         # and at most this many rows
 _READ_RETRIES = 3                       # a read task (one row group) is retried this often
 MIN_LOW_PRECISION_COSINE = 0.999        # bfloat16/float16 vectors must stay this close to float32's
@@ -234,14 +237,15 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     cpus_per_actor: float = 1, gpus_per_actor: float = 0, overwrite: bool = False,
                     resume: bool = True, on_shard_done: Callable[[Path], None] | None = None,
                     read_cpus: float | None = None, block_mb: float = 1.0,
-                    encode_tokens: int = DEFAULT_ENCODE_TOKENS, compute_dtype: str = "float32",
+                    encode_tokens: int | None = None, compute_dtype: str = "float32",
                     compile: bool = False) -> dict:
     """Encode every passage under `passages_dir` into ``emb-<shard>.parquet`` files (id, embedding) in `out_dir`.
 
     Runs on the Ray the caller started (or starts a local one). Two stages: CPU tasks read the row groups and
     tokenize them (each reserving `read_cpus`, None: Ray Data's default, 1; Ray Data runs as many as the free CPUs
     allow), `batch_size` rows at a time sorted by token count and cut into forward-pass batches of at most
-    `encode_tokens` padded tokens and `encode_batch_size` rows; the encoder actors then only run the model on those
+    `encode_tokens` padded tokens (None: DEFAULT_ENCODE_TOKENS for the actors' device) and `encode_batch_size`
+    rows; the encoder actors then only run the model on those
     batches (the longer the sort window, the less each forward pass pads). `cpus_per_actor` is the logical CPU
     reservation of each actor (keep it below the cluster's CPUs so the tokenize tasks can still run),
     `threads_per_actor` torch's threads in it, `gpus_per_actor` > 0 puts the actors on GPUs, where
@@ -259,6 +263,7 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    encode_tokens = encode_tokens or DEFAULT_ENCODE_TOKENS["cuda" if gpus_per_actor else "cpu"]
     for key, value in (("batch_size", batch_size), ("num_actors", num_actors),
                        ("threads_per_actor", threads_per_actor), ("encode_batch_size", encode_batch_size),
                        ("encode_tokens", encode_tokens)):
@@ -432,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2048,
                    help="passages the tokenize stage sorts by token count together: longer windows pad less "
                         "(default 2048)")
-    p.add_argument("--encode-tokens", type=int, default=DEFAULT_ENCODE_TOKENS,
-                   help=f"padded tokens per forward pass (rows x longest row; default {DEFAULT_ENCODE_TOKENS}; "
-                        "raise it on a GPU)")
+    p.add_argument("--encode-tokens", type=int, default=None,
+                   help=f"padded tokens per forward pass (rows x longest row; default "
+                        f"{DEFAULT_ENCODE_TOKENS['cpu']} on CPU actors, {DEFAULT_ENCODE_TOKENS['cuda']} on GPU ones)")
     p.add_argument("--encode-batch-size", type=int, default=DEFAULT_ENCODE_BATCH_SIZE,
                    help=f"at most this many passages per forward pass (default {DEFAULT_ENCODE_BATCH_SIZE})")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
@@ -462,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for flag in ("batch_size", "encode_batch_size", "encode_tokens", "num_actors", "threads_per_actor"):
-            if getattr(args, flag) < 1:
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
         check_compute_settings(args.compute_dtype, args.compile, "cuda" if args.gpus_per_actor else "cpu")
         passage_files(args.passages)

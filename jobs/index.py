@@ -38,7 +38,7 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
                 dtype: str = "float32", read_cpus: float | None = None, parallel_min_vectors: int = 20_000,
-                encode_tokens: int = DEFAULT_ENCODE_TOKENS, compute_dtype: str = "float32", compile: bool = False,
+                encode_tokens: int | None = None, compute_dtype: str = "float32", compile: bool = False,
                 **index_params) -> Path:
     """Encode `passages_dir` on the running Ray (or a local one) and write the next index version under
     `index_root`; returns the version directory (made `current` unless `make_current=False`).
@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "nprobe, refine_factor, train_size")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
     p.add_argument("--batch-size", type=int, default=2048, help="passages per map_batches call (default 2048)")
-    p.add_argument("--encode-tokens", type=int, default=DEFAULT_ENCODE_TOKENS,
-                   help=f"padded tokens per forward pass (default {DEFAULT_ENCODE_TOKENS})")
+    p.add_argument("--encode-tokens", type=int, default=None,
+                   help=f"padded tokens per forward pass (default {DEFAULT_ENCODE_TOKENS['cpu']} on CPU actors, "
+                        f"{DEFAULT_ENCODE_TOKENS['cuda']} on GPU ones)")
     p.add_argument("--encode-batch-size", type=int, default=DEFAULT_ENCODE_BATCH_SIZE,
                    help=f"at most this many passages per forward pass (default {DEFAULT_ENCODE_BATCH_SIZE})")
     p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each encoder actor (default 2)")
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_encoder_path(args.encoder)
         _check_index_params(args.index_type, dict(args.param))
         for flag in ("num_actors", "batch_size", "threads_per_actor", "encode_batch_size", "encode_tokens"):
-            if getattr(args, flag) < 1:
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
         check_compute_settings(args.compute_dtype, args.compile, "cuda" if args.gpus_per_actor else "cpu")
     except (FileNotFoundError, ValueError) as exc:
