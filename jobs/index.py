@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from jobs.encode import encode_passages
+from jobs.encode import (DEFAULT_ENCODE_BATCH_SIZE, DEFAULT_ENCODE_TOKENS, check_compute_settings,
+                         encode_passages)
 from jobs.ray_env import ensure_ray
 from pipeline.embeddings import corpus_fingerprint, gather_checked, passage_files
 from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFormatError, add_vectors,
@@ -29,15 +30,17 @@ from pipeline.index import (INDEX_PARAMS, INDEX_TYPES, MERGEABLE_TYPES, IndexFor
                             load_index, write_index_version)
 from pipeline.index.bm25 import open_bm25
 from pipeline.models.retriever import encoder_fingerprint, resolve_encoder_path
+from pipeline.token_batches import COMPUTE_DTYPES
 
 
 def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, encoder: str | None = "minilm",
                 index_type: str = "flat", num_actors: int = 1, batch_size: int = 2048,
                 threads_per_actor: int = 2,
-                encode_batch_size: int = 32, cpus_per_actor: float = 1, verify: bool = False,
+                encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE, cpus_per_actor: float = 1, verify: bool = False,
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
                 dtype: str = "float32", read_cpus: float | None = None, parallel_min_vectors: int = 20_000,
+                encode_tokens: int | None = None, compute_dtype: str = "float32", compile: bool = False,
                 bm25: bool = False, **index_params) -> Path:
     """Encode `passages_dir` on the running Ray (or a local one) and write the next index version under
     `index_root`; returns the version directory (made `current` unless `make_current=False`).
@@ -55,14 +58,16 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
     files = passage_files(passages_dir)
     resolve_encoder_path(encoder)
     _check_index_params(index_type, index_params)
+    check_compute_settings(compute_dtype, compile, "cuda" if gpus_per_actor else "cpu")
 
     index_root = Path(index_root)
     index_root.mkdir(parents=True, exist_ok=True)
-    scratch = scratch_dir(index_root, passages_dir, encoder, dtype)
+    scratch = scratch_dir(index_root, passages_dir, encoder, dtype, compute_dtype)
     stats = encode_passages(passages_dir, scratch, encoder=encoder, batch_size=batch_size,
                             num_actors=num_actors, threads_per_actor=threads_per_actor,
                             encode_batch_size=encode_batch_size, cpus_per_actor=cpus_per_actor,
-                            gpus_per_actor=gpus_per_actor, dtype=dtype, resume=True, read_cpus=read_cpus)
+                            gpus_per_actor=gpus_per_actor, dtype=dtype, resume=True, read_cpus=read_cpus,
+                            encode_tokens=encode_tokens, compute_dtype=compute_dtype, compile=compile)
     t0 = time.perf_counter()
     ids, embeddings, titles, texts, shard_rows = gather_checked(scratch, files)
     params = dict(index_params)
@@ -78,8 +83,10 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
         encoder_fingerprint=stats["encoder_fingerprint"], corpus_fingerprint=stats["corpus_fingerprint"],
         titles=titles, texts=texts, make_current=make_current, index=index, threads=threads,
         extra={"encode": {k: stats[k] for k in ("seconds", "passages_per_s", "num_actors", "threads_per_actor",
-                                                 "batch_size", "dtype", "shards_encoded", "shards_skipped",
-                                                 "encoder_peak_rss_mb")},
+                                                 "batch_size", "encode_tokens", "dtype", "compute_dtype",
+                                                 "shards_encoded", "shards_skipped", "encoder_peak_rss_mb",
+                                                 "actor_ready_after_seconds", "actor_busy_seconds",
+                                                 "tokenize_seconds")},
                "build": {"shard_parallel": parallel, "shards": len(shard_rows),
                          "gather_and_parallel_build_seconds": round(build_seconds, 3)},
                "passages_dir": str(Path(passages_dir).resolve()), **(extra or {})},
@@ -93,9 +100,10 @@ def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, 
 
 
 def scratch_dir(index_root: str | os.PathLike, passages_dir: str | os.PathLike, encoder: str | None,
-                dtype: str = "float32") -> Path:
+                dtype: str = "float32", compute_dtype: str = "float32") -> Path:
     """Where `build_index` encodes (and, after a crash, resumes encoding) this corpus with this encoder."""
-    return Path(index_root) / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-"
+    compute = "" if compute_dtype == "float32" else f"{compute_dtype}-"
+    return Path(index_root) / (f".embeddings-{encoder_fingerprint(encoder)}-{dtype}-{compute}"
                                f"{_slug(corpus_fingerprint(passages_dir))}")
 
 
@@ -158,12 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "nprobe, refine_factor, train_size")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
     p.add_argument("--batch-size", type=int, default=2048, help="passages per map_batches call (default 2048)")
-    p.add_argument("--encode-batch-size", type=int, default=32, help="passages per forward pass (default 32)")
+    p.add_argument("--encode-tokens", type=int, default=None,
+                   help=f"padded tokens per forward pass (default {DEFAULT_ENCODE_TOKENS['cpu']} on CPU actors, "
+                        f"{DEFAULT_ENCODE_TOKENS['cuda']} on GPU ones)")
+    p.add_argument("--encode-batch-size", type=int, default=DEFAULT_ENCODE_BATCH_SIZE,
+                   help=f"at most this many passages per forward pass (default {DEFAULT_ENCODE_BATCH_SIZE})")
     p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each encoder actor (default 2)")
     p.add_argument("--cpus-per-actor", type=float, default=1, help="logical CPUs Ray reserves per actor (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per encoder actor (default 0: CPU)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of the intermediate embedding shards (the index holds float32)")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
+                   help="the encoder's precision on GPU actors (bfloat16 checked against float32: min cosine "
+                        "0.999); CPU actors run float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU actors only)")
     p.add_argument("--no-parallel-build", dest="build_parallel", action="store_false",
                    help="build flat/ivfpq in one process instead of one Ray task per embedding shard + merge")
     p.add_argument("--bm25", action="store_true",
@@ -195,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         passage_files(args.passages)
         resolve_encoder_path(args.encoder)
         _check_index_params(args.index_type, dict(args.param))
-        for flag in ("num_actors", "batch_size", "threads_per_actor", "encode_batch_size"):
-            if getattr(args, flag) < 1:
+        for flag in ("num_actors", "batch_size", "threads_per_actor", "encode_batch_size", "encode_tokens"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        check_compute_settings(args.compute_dtype, args.compile, "cuda" if args.gpus_per_actor else "cpu")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -209,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                                   threads_per_actor=args.threads_per_actor,
                                   encode_batch_size=args.encode_batch_size, cpus_per_actor=args.cpus_per_actor,
                                   gpus_per_actor=args.gpus_per_actor, dtype=args.dtype,
-                                  build_parallel=args.build_parallel, bm25=args.bm25, **dict(args.param))
+                                  encode_tokens=args.encode_tokens, compute_dtype=args.compute_dtype,
+                                  compile=args.compile, build_parallel=args.build_parallel, bm25=args.bm25,
+                                  **dict(args.param))
         report = verify_index(version_dir) if args.verify else None
     except (IndexFormatError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -91,13 +91,15 @@ def read_passage_shard(f: str) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def encode_settings(passages_dir: str | os.PathLike, encoder: str | None, dtype: str) -> dict:
-    """What encode.json records, and what a resumed encode must match."""
+def encode_settings(passages_dir: str | os.PathLike, encoder: str | None, dtype: str,
+                    compute_dtype: str = "float32") -> dict:
+    """What encode.json records, and what a resumed encode must match (`compute_dtype`: the model's precision,
+    bfloat16 vectors are close to float32's but not the same)."""
     # heavy (torch + transformers), and only needed once an encode really starts
     from pipeline.models.retriever import encoder_fingerprint
 
     return {"encoder": encoder, "encoder_fingerprint": encoder_fingerprint(encoder), "dtype": dtype,
-            "passages_dir": str(Path(passages_dir).resolve()),
+            "compute_dtype": compute_dtype, "passages_dir": str(Path(passages_dir).resolve()),
             "corpus_fingerprint": corpus_fingerprint(passages_dir)}
 
 
@@ -118,7 +120,8 @@ def prepare_out_dir(out_dir: Path, settings: dict, overwrite: bool, resume: bool
                                   f"resume=True / --resume to finish an interrupted encode)")
         else:
             before = json.loads(settings_file.read_text())
-            for key in ("encoder_fingerprint", "dtype", "passages_dir"):
+            before.setdefault("compute_dtype", "float32")     # written before the setting existed
+            for key in ("encoder_fingerprint", "dtype", "compute_dtype", "passages_dir"):
                 if before.get(key) != settings[key]:
                     raise FileExistsError(
                         f"cannot resume the encode in {out_dir}: {SETTINGS_NAME} has {key}={before.get(key)!r} but "
@@ -279,8 +282,9 @@ def load_embeddings(out_dir: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def gather_checked(emb_dir: Path, passage_files_: list[str]):
-    """Rows in shard order (input shards, then the order inside each): ids, float32 embeddings, titles, texts, and
-    the row count of each shard. Each embedding shard must hold exactly the ids of its passage shard."""
+    """Rows in shard order (input shards, then the passage shard's order inside each): ids, float32 embeddings,
+    titles, texts, and the row count of each shard. Each embedding shard must hold exactly the ids of its passage
+    shard."""
     by_name = {Path(f).name: f for f in passage_files_}
     ids, parts, titles, texts, shard_rows = [], [], [], [], []
     seen = set()
@@ -301,11 +305,12 @@ def gather_checked(emb_dir: Path, passage_files_: list[str]):
             raise EmbeddingsFormatError(f"passage id {sorted(dup)[0]!r} appears in more than one shard "
                                         f"(again in {source})")
         seen.update(shard_ids)
-        take = pa.array([pos[i] for i in shard_ids], pa.int64())
-        ids += shard_ids
-        titles += passages.column("title").take(take).to_pylist()
-        texts += passages.column("text").take(take).to_pylist()
-        parts.append(emb)
+        # rows in passage-shard order, whatever order the encode wrote them in (its tokenize stage sorts by length)
+        order = np.argsort(np.fromiter((pos[i] for i in shard_ids), np.int64, len(shard_ids)), kind="stable")
+        ids += pid
+        titles += passages.column("title").to_pylist()
+        texts += passages.column("text").to_pylist()
+        parts.append(emb[order])
         shard_rows.append(len(shard_ids))
     if by_name:
         raise EmbeddingsFormatError(f"{emb_dir}: no embeddings for passage shard(s) {sorted(by_name)[:5]}")

@@ -87,11 +87,14 @@ class TextEncoder(nn.Module):
         """Pooled (and normalised) vectors of an already tokenized, padded batch."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state
+        return self.pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The vectors of the model's last hidden states [B, L, H]: cls or masked mean, then L2-normalised."""
         if self.pooling == "cls":
             emb = hidden[:, 0]
         else:
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 

@@ -39,6 +39,9 @@ def test_missing_inputs_exit_2_and_write_nothing(tmp_path, capsys):
 
 @pytest.mark.ray
 def test_encode_and_index_with_minilm(ray_local, tmp_path, capsys):
+    import numpy as np
+    import torch
+
     from pipeline.index import load_index, passage_text
     from pipeline.models.retriever import TextEncoder, encoder_fingerprint
 
@@ -55,9 +58,14 @@ def test_encode_and_index_with_minilm(ray_local, tmp_path, capsys):
     assert (m["version"], m["type"], m["dim"], m["metric"], m["count"]) == ("v1", "flat", 384, "ip", 50)
     assert m["corpus_fingerprint"] == "corpus-fp-1" and m["encoder"] == "minilm"
     assert m["encoder_fingerprint"] == encoder_fingerprint("minilm")
-    assert sorted(index.ids) == sorted(r["id"] for r in rows)
+    # passage-shard order, though the tokenize stage hands the encoder rows sorted by token count
+    assert index.ids == [r["id"] for r in rows[25:][::-1] + rows[:25]]
 
     encoder = TextEncoder("minilm")
+    # the vectors of the library's encoder, one passage at a time (no padding)
+    by_id = {r["id"]: r for r in rows}
+    ref = encoder.encode([passage_text(by_id[i]["title"], by_id[i]["text"]) for i in index.ids], batch_size=1)
+    assert float((torch.as_tensor(np.array(index.embeddings)) * ref).sum(1).min()) >= 0.99999
     probe = [rows[i] for i in (0, 1, 17, 33, 49)]
     q = encoder.encode([passage_text(r["title"], r["text"]) for r in probe]).numpy()
     scores, found = index.search(q, 3)
