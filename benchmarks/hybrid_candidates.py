@@ -7,8 +7,8 @@ For each H (0 = dense only): the candidate set the reader reads (the dense top-K
 `RagModel.prior_rows`), and the dense top-(K + H) alone (as many passages, no BM25), and
 - recall@candidates: document-level, does the set hold a passage of the question's article;
 - answer-in-candidates: for answers that are not yes/no, does a candidate passage contain the answer text;
-- the untrained reader (configs/cmu_qa_wiki.yaml: the shipped copy-bart `reader`, vocabulary head from the training
-  answers) decoding from those candidates: EM and F1, overall and split by answer type (yes/no vs other).
+- the untrained reader (--config's generator; results/hybrid was measured with the shipped copy-bart `reader`, then
+  configs/cmu_qa_wiki.yaml's, vocabulary head from the training answers) decoding from those candidates: EM and F1, overall and split by answer type (yes/no vs other).
 Rows: the held-out articles' questions (dev + test, 437) and the test split alone (314, what `bench quality
 --datasets cmu` evaluates). BM25 alone (top-K) is the reference line. Writes OUT/hybrid_candidates.json and .md.
 The data is prepared with jobs.prepare_qa into --data (under /tmp, never the repo); the MiniLM index is cached

@@ -6,6 +6,8 @@ every run from the same start with the same budget (steps, K), on the synthetic 
     .venv/bin/python benchmarks/quality.py --datasets cmu --steps 300 --seeds 0 1
     .venv/bin/python benchmarks/quality.py --datasets cmu rag-mini --steps 2 --max-eval 20 --variance-repeats 0
     latentrag bench quality --datasets synthetic cmu --seeds 0 1 2           # the same, from a source checkout
+    .venv/bin/python benchmarks/quality.py --merge jsa=/tmp/a jsa=/tmp/b rag-sequence=/tmp/c --out-dir OUT
+                                            # one report from runs made in separate processes (one per core)
 
 Writes OUT_DIR/quality.json, quality.md (the table), learning_curves_<dataset>.png, recall_<dataset>.png and
 logs them with every run's metrics to MLflow (OUT_DIR/mlflow.db unless MLFLOW_TRACKING_URI is set).
@@ -63,6 +65,7 @@ RUNS = {  # label -> (estimator, strategy, config overrides of that run)
     "rag-sequence-anchor": ("rag-sequence", "joint", ["train.retriever_anchor_kl=1.0"]),
     "vrag-anchor": ("vrag", "joint", ["train.retriever_anchor_kl=1.0"]),
     "rag-sequence-warmup": ("rag-sequence", "joint", ["train.generator_warmup_steps=100"]),
+    "jsa-flat0": ("jsa", "joint", ["estimator.jsa_flat_nats=0"]),
 }
 DEFAULT_RUNS = ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "two-phase", "independent"]
 CONFIGS = {"synthetic": "configs/demo.yaml", "cmu": "configs/cmu_qa_wiki.yaml",
@@ -362,7 +365,15 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default="benchmarks/results/quality")
+    p.add_argument("--merge", nargs="+", metavar="LABEL=DIR",
+                   help="no training: one report from earlier runs' DIR/quality.json, each DIR's runs under LABEL")
     args = p.parse_args(argv)
+    if args.merge:
+        try:
+            return merge(args.merge, Path(args.out_dir))
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.variance_repeats == 1 or args.variance_repeats < 0:
         p.error("--variance-repeats: 0 (skip) or >= 2 (a variance needs two estimates)")
     torch.set_num_threads(args.threads)
@@ -413,6 +424,42 @@ def main(argv=None) -> int:
     (out_dir / "quality.json").write_text(json.dumps(results, indent=2, default=float))
     log_to_mlflow(results, out_dir)
     print(f"\n-> {out_dir}/quality.md, quality.json and plots")
+    return 0
+
+
+def merge(specs: list[str], out_dir: Path) -> int:
+    """Runs made in separate processes (one per core, or one seed each) as one report: LABEL=DIR puts the runs
+    of DIR/quality.json (one estimator each) under LABEL. Datasets must agree on steps, K, batch and test set."""
+    results = {"args": {"merge": specs, "steps": None, "seeds": []}, "datasets": {}}
+    same = ("name", "steps", "k", "batch_size", "num_train", "num_test", "num_passages")
+    for spec in specs:
+        label, sep, d = spec.partition("=")
+        if not sep or not label:
+            raise ValueError(f"--merge {spec!r}: expected LABEL=DIR")
+        part = json.loads((Path(d) / "quality.json").read_text())
+        for key, ds in part["datasets"].items():
+            if len(ds["runs"]) != 1:
+                raise ValueError(f"{d}/quality.json: {key} has runs {sorted(ds['runs'])}; LABEL=DIR needs one")
+            into = results["datasets"].setdefault(key, {**{k: ds[k] for k in (*same, "key", "baselines")},
+                                                        "runs": {}, "summary": {}})
+            differ = [k for k in same if into[k] != ds[k]]
+            if differ:
+                raise ValueError(f"{d}/quality.json: {key} differs from the first run in {differ}")
+            runs = next(iter(ds["runs"].values()))
+            into["runs"].setdefault(label, []).extend(runs)
+            results["args"]["steps"] = ds["steps"]
+            results["args"]["seeds"] = sorted(set(results["args"]["seeds"]) | {r["seed"] for r in runs})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for ds in results["datasets"].values():
+        for label, runs in ds["runs"].items():
+            ds["summary"][label] = {"metrics": summarise(runs), "uses_gold_passages": runs[0]["uses_gold_passages"],
+                                    "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "variance": None}
+        ds["plots"] = [str(f) for f in plots(ds, out_dir)]
+    table = markdown(results, argparse.Namespace(**results["args"]))
+    print(table)
+    (out_dir / "quality.md").write_text(table + "\n")
+    (out_dir / "quality.json").write_text(json.dumps(results, indent=2, default=float))
+    log_to_mlflow(results, out_dir)
     return 0
 
 

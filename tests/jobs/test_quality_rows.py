@@ -100,3 +100,34 @@ def test_shared_datasets_that_are_absent_are_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "--datasets rag-mini" in err and "nowhere not found" in err and "--rag-mini-dir" in err
     rc = main(["--datasets", "cmu", "--cmu-dir", str(tmp_path / "no-cmu"), "--out-dir", str(tmp_path)])
     assert rc == 2 and "no-cmu not found" in capsys.readouterr().err
+
+
+def _quality_json(d, label, seeds, f1s, steps=10):
+    metric = lambda f1: {"step": steps, "em": 0.0, "f1": f1, "recall@1": 0.5, "recall@5": 0.9, "recall@20": 1.0,  # noqa: E731
+                         "f1_yes_no": None, "f1_other": f1}
+    runs = [{"label": label, "seed": s, "start": metric(0.1), "end": metric(f1), "curve": [metric(0.1), metric(f1)],
+             "grad_norms": [{"step": 1, "retriever": 1.0}], "uses_gold_passages": False, "s_per_step": 2.0}
+            for s, f1 in zip(seeds, f1s)]
+    ds = {"name": "tiny", "key": "tiny", "steps": steps, "k": 5, "batch_size": 8, "num_train": 4, "num_test": 2,
+          "num_passages": 9, "baselines": {"bm25": {"recall@1": 0.4}}, "runs": {label: runs}}
+    d.mkdir()
+    (d / "quality.json").write_text(json.dumps({"args": {}, "datasets": {"tiny": ds}}))
+
+
+def test_merge_reports_runs_made_in_separate_processes_under_their_labels(tmp_path, capsys):
+    _quality_json(tmp_path / "a", "jsa", [0], [0.4])
+    _quality_json(tmp_path / "b", "jsa", [1], [0.6])
+    _quality_json(tmp_path / "c", "jsa", [0], [0.2])
+    out = tmp_path / "merged"
+    assert main(["--merge", f"jsa={tmp_path / 'a'}", f"jsa={tmp_path / 'b'}",
+                 f"jsa-flat0={tmp_path / 'c'}", "--out-dir", str(out)]) == 0
+    merged = json.loads((out / "quality.json").read_text())["datasets"]["tiny"]
+    assert [r["seed"] for r in merged["runs"]["jsa"]] == [0, 1] and len(merged["runs"]["jsa-flat0"]) == 1
+    assert merged["summary"]["jsa"]["metrics"]["f1"]["mean"] == pytest.approx(0.5)
+    table = (out / "quality.md").read_text()
+    assert "| jsa | " in table and "| jsa-flat0 | " in table and "seeds [0, 1]" in table
+    assert (out / "recall_tiny.png").is_file()
+    # another test set (or steps) is refused, naming the file
+    _quality_json(tmp_path / "d", "jsa", [2], [0.3], steps=20)
+    assert main(["--merge", f"jsa={tmp_path / 'a'}", f"jsa={tmp_path / 'd'}", "--out-dir", str(out)]) == 2
+    assert "differs from the first run in ['steps']" in capsys.readouterr().err

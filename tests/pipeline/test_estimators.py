@@ -379,6 +379,32 @@ def test_jsa_cache_is_used_saved_and_restored():
     assert bool(s.tested[:, 0].all())                           # the chains started from the cache
 
 
+
+@pytest.mark.parametrize("flat_nats", [0.5, 0.0])
+def test_jsa_leaves_out_the_prior_term_where_the_generator_cannot_tell_passages_apart(flat_nats):
+    """Question 0's answer is equally likely under every passage (a yes/no answer): with jsa_flat_nats 0.5 its
+    prior row gets no gradient, question 1's does; with 0 (off) both do. The posterior and generator keep theirs."""
+    model = fake_model(5)
+    with torch.no_grad():
+        model.generator.logits[0] = model.generator.logits[0, :1].clone()       # same log p(y|x,z) for every z
+        model.generator.logits[1] *= 5                                           # nats apart
+    est = build_estimator("jsa", k=3, cfg=EstimatorConfig(jsa_num_proposals=12, jsa_cache=False,
+                                                          jsa_flat_nats=flat_nats))
+    torch.manual_seed(0)
+    out = est.loss(model, ["q0", "q1"], ["a", "a"])
+    out.loss.backward()
+    prior_grad = model.query_encoder.table.grad.abs().sum(-1)
+    assert float(prior_grad[1]) > 1e-6
+    assert (float(prior_grad[0]) == 0.0) == (flat_nats > 0)
+    assert float(model.posterior_encoder.table.grad[0].abs().sum()) > 1e-6
+    assert out.diagnostics["flat_share"] == (0.5 if flat_nats > 0 else 0.0)
+
+
+def test_jsa_flat_nats_must_not_be_negative():
+    with pytest.raises(ConfigError, match="estimator.jsa_flat_nats"):
+        load_config(None, ["estimator.jsa_flat_nats=-1"])
+
+
 # ------------------------------------------------------------------------------------- gradients vs FD
 def _params(model):
     return [model.query_encoder.table, model.posterior_encoder.table, model.generator.logits]
