@@ -65,7 +65,7 @@ RUNS = {  # label -> (estimator, strategy, config overrides of that run)
     "rag-sequence-anchor": ("rag-sequence", "joint", ["train.retriever_anchor_kl=1.0"]),
     "vrag-anchor": ("vrag", "joint", ["train.retriever_anchor_kl=1.0"]),
     "rag-sequence-warmup": ("rag-sequence", "joint", ["train.generator_warmup_steps=100"]),
-    "jsa-flat0": ("jsa", "joint", ["estimator.jsa_flat_nats=0"]),
+    "jsa-flat0.5": ("jsa", "joint", ["estimator.jsa_flat_nats=0.5"]),
 }
 DEFAULT_RUNS = ["rag-sequence", "rag-token", "vrag", "jsa", "dro", "two-phase", "independent"]
 CONFIGS = {"synthetic": "configs/demo.yaml", "cmu": "configs/cmu_qa_wiki.yaml",

@@ -14,11 +14,13 @@ Per example:
   4. loss = sum_u w_u [NLL(y|x,u) - log p(u|x) - log q(u|x,y)] over the distinct accepted states u, w_u = their
      frequency among the n states. One generator pass with gradient over those distinct states. Prior, posterior
      and generator all learn from the accepted states (stochastic approximation of the posterior's moments).
-  5. An example whose scored candidates' log-likelihoods all lie within `estimator.jsa_flat_nats` of each other
+  5. Optionally (`estimator.jsa_flat_nats` > 0), an example whose scored candidates' log-likelihoods all lie within
+     that many nats of each other
      (the generator cannot tell its passages apart: yes/no answers) keeps its generator and posterior terms but
      not its prior term: there the posterior equals the prior over C, so E[grad log p(u|x)] = 0 and the term is
      zero-mean noise in the retriever's gradient. Measured on cmu_qa_wiki with the MiniLM reader at the start:
-     yes/no answers spread 0.03 nats (median; 96% under 0.5), other answers 43 (90% over 1).
+     yes/no answers spread 0.03 nats (median; 96% under 0.5), other answers 43 (90% over 1). Off by default: 0.5
+     changed nothing measurable there (benchmarks/results/quality_cmu_minilm, 240 steps, 2 seeds).
   The cache (question id, or the question text when rows carry no id -> passage id of the last state) is in
   `state_dict`, so a resumed run continues every chain.
 """
@@ -40,7 +42,7 @@ class JsaConfig(EstimatorSettings):
     num_proposals: int = 20            # Metropolis independence sampler steps (proposals) per example
     likelihood: str = "exact"          # exact | normalized (per-token mean log-likelihood in the ratio)
     cache: bool = True                 # start each chain from the example's last accepted passage
-    flat_nats: float = 0.5             # prior term dropped below this log-likelihood spread (0 = never)
+    flat_nats: float = 0.0             # prior term dropped below this log-likelihood spread (0 = never)
 
     def validate(self, config=None) -> None:
         if self.likelihood not in ("exact", "normalized"):
