@@ -15,9 +15,8 @@ Per example:
      frequency among the n states. One generator pass with gradient over those distinct states. Prior, posterior
      and generator all learn from the accepted states (stochastic approximation of the posterior's moments).
   5. Optionally (`estimator.jsa_flat_nats` > 0), an example whose scored candidates' log-likelihoods all lie within
-     that many nats of each other
-     (the generator cannot tell its passages apart: yes/no answers) keeps its generator and posterior terms but
-     not its prior term: there the posterior equals the prior over C, so E[grad log p(u|x)] = 0 and the term is
+     that many nats of each other (the generator cannot tell its passages apart: yes/no answers) keeps its
+     generator and posterior terms but not its prior term: there the posterior equals the prior over C, so E[grad log p(u|x)] = 0 and the term is
      zero-mean noise in the retriever's gradient. Measured on cmu_qa_wiki with the MiniLM reader at the start:
      yes/no answers spread 0.03 nats (median; 96% under 0.5), other answers 43 (90% over 1). Off by default: 0.5
      changed nothing measurable there (benchmarks/results/quality_cmu_minilm, 240 steps, 2 seeds).
@@ -91,7 +90,7 @@ def jsa_loss(weights: torch.Tensor, seq_logprobs: torch.Tensor, log_prior: torch
     w = weights.to(log_prior.dtype)
     used = w > 0
     if prior_on is not None:
-        log_prior = log_prior * prior_on.to(log_prior.dtype).unsqueeze(-1)
+        log_prior = torch.where(prior_on.unsqueeze(-1), log_prior, torch.zeros_like(log_prior))
     terms = -(seq_logprobs + log_prior + log_post)
     return (w * terms.masked_fill(~used, 0.0)).sum(-1)
 
