@@ -412,19 +412,27 @@ def main(argv=None) -> int:
                                   args.set + RUNS[label][2] + [f"train.max_steps={cfg.train.max_steps}"])
             runs = [run_one(label, run_cfg, index, data, seed, args) for seed in args.seeds]
             ds["runs"][label] = runs
-            ds["summary"][label] = {"metrics": summarise(runs), "uses_gold_passages": runs[0]["uses_gold_passages"],
-                                    "s_per_step": statistics.mean(r["s_per_step"] for r in runs),
-                                    "variance": gradient_variance(label, run_cfg, index, data, args)}
+            ds["summary"][label] = run_summary(runs, gradient_variance(label, run_cfg, index, data, args))
         ds["baselines"]["minilm"] = next(iter(ds["runs"].values()))[0]["start"] if ds["runs"] else {}
         results["datasets"][key] = ds
         ds["plots"] = [str(f) for f in plots(ds, out_dir)] if ds["runs"] else []
+    write_report(results, args, out_dir)
+    return 0
+
+
+def run_summary(runs: list[dict], variance: dict | None) -> dict:
+    return {"metrics": summarise(runs), "uses_gold_passages": runs[0]["uses_gold_passages"],
+            "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "variance": variance}
+
+
+def write_report(results: dict, args, out_dir: Path) -> None:
+    """The table printed and written, the JSON, and both logged to MLflow with the plots."""
     table = markdown(results, args)
     print("\n" + table)
     (out_dir / "quality.md").write_text(table + "\n")
     (out_dir / "quality.json").write_text(json.dumps(results, indent=2, default=float))
     log_to_mlflow(results, out_dir)
     print(f"\n-> {out_dir}/quality.md, quality.json and plots")
-    return 0
 
 
 def merge(specs: list[str], out_dir: Path) -> int:
@@ -452,14 +460,9 @@ def merge(specs: list[str], out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for ds in results["datasets"].values():
         for label, runs in ds["runs"].items():
-            ds["summary"][label] = {"metrics": summarise(runs), "uses_gold_passages": runs[0]["uses_gold_passages"],
-                                    "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "variance": None}
+            ds["summary"][label] = run_summary(runs, None)
         ds["plots"] = [str(f) for f in plots(ds, out_dir)]
-    table = markdown(results, argparse.Namespace(**results["args"]))
-    print(table)
-    (out_dir / "quality.md").write_text(table + "\n")
-    (out_dir / "quality.json").write_text(json.dumps(results, indent=2, default=float))
-    log_to_mlflow(results, out_dir)
+    write_report(results, argparse.Namespace(**results["args"]), out_dir)
     return 0
 
 

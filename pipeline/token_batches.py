@@ -14,17 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MAX_LENGTH = 128        # what TextEncoder truncates to unless a saved encoder says otherwise
+DEFAULT_MAX_LENGTH = 128        # TextEncoder's truncation unless a saved encoder says otherwise
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def encoder_max_length(path: str) -> int:
-    """The truncation length the encoder at `path` (resolved) uses: a saved encoder's latentrag_encoder.json, else
-    TextEncoder's default."""
+def encoder_meta(path: str | Path) -> dict:
+    """A saved encoder's latentrag_encoder.json (pooling, normalize, max_length), {} for a plain Hugging Face one."""
     meta = Path(path) / "latentrag_encoder.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text()).get("max_length", DEFAULT_MAX_LENGTH))
-    return DEFAULT_MAX_LENGTH
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def encoder_max_length(path: str) -> int:
+    """The truncation length the encoder at `path` (resolved) uses."""
+    return int(encoder_meta(path).get("max_length", DEFAULT_MAX_LENGTH))
 
 
 @lru_cache(maxsize=4)

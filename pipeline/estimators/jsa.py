@@ -16,8 +16,8 @@ Per example:
      and generator all learn from the accepted states (stochastic approximation of the posterior's moments).
   5. Optionally (`estimator.jsa_flat_nats` > 0), an example whose scored candidates' log-likelihoods all lie within
      that many nats of each other (the generator cannot tell its passages apart: yes/no answers) keeps its
-     generator and posterior terms but not its prior term: there the posterior equals the prior over C, so E[grad log p(u|x)] = 0 and the term is
-     zero-mean noise in the retriever's gradient. Measured on cmu_qa_wiki with the MiniLM reader at the start:
+     generator and posterior terms but not its prior term: there the posterior equals the prior over C, so
+     E[grad log p(u|x)] = 0 and the term is zero-mean noise in the retriever's gradient. Measured on cmu_qa_wiki with the MiniLM reader at the start:
      yes/no answers spread 0.03 nats (median; 96% under 0.5), other answers 43 (90% over 1). Off by default: 0.5
      changed nothing measurable there (benchmarks/results/quality_cmu_minilm, 240 steps, 2 seeds).
   The cache (question id, or the question text when rows carry no id -> passage id of the last state) is in

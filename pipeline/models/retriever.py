@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.token_batches import DEFAULT_MAX_LENGTH, encoder_meta
+
 DEFAULT_ENCODER_ALIASES = {"minilm", "default", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
@@ -59,7 +61,7 @@ class TextEncoder(nn.Module):
     """Encodes a list of strings into [N, dim] vectors."""
 
     def __init__(self, name_or_path: str | None = None, pooling: str = "mean", normalize: bool = True,
-                 max_length: int = 128):
+                 max_length: int = DEFAULT_MAX_LENGTH):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -120,7 +122,6 @@ def save_encoder(encoder: TextEncoder, out_dir: str | Path) -> None:
 
 
 def load_encoder(path: str | Path) -> TextEncoder:
-    meta_file = Path(path) / "latentrag_encoder.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta = encoder_meta(path)
     return TextEncoder(str(path), pooling=meta.get("pooling", "mean"), normalize=meta.get("normalize", True),
-                       max_length=meta.get("max_length", 128))
+                       max_length=meta.get("max_length", DEFAULT_MAX_LENGTH))
