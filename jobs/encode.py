@@ -112,12 +112,11 @@ class EncoderActor:
                              "(use float16 or float32)")
         torch.set_num_threads(max(1, int(threads)))
 
-        from pipeline.models.retriever import TextEncoder, load_encoder, resolve_encoder_path
+        from pipeline.models.retriever import load_encoder, resolve_encoder_path
 
         self.torch = torch
-        path = resolve_encoder_path(encoder)
-        # a directory saved by save_encoder carries its pooling/normalisation; anything else uses the defaults
-        self.encoder = load_encoder(path) if (Path(path) / "latentrag_encoder.json").is_file() else TextEncoder(path)
+        # a directory saved by save_encoder carries its pooling/normalisation; anything else gets TextEncoder's
+        self.encoder = load_encoder(resolve_encoder_path(encoder))
         self.encoder.to(device)
         self.encoder.eval()
         self.device = device
