@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
               f"choose k between 1 and {num_passages - hybrid_k}", file=sys.stderr)
         return 2
     if hybrid_k != model.hybrid_k:
-        model.attach_bm25(hybrid_k)
+        model.attach_bm25(hybrid_k, cfg.retriever.bm25_weight)
     decode = args.decode or cfg.eval.decode
     num_beams = args.num_beams if args.num_beams is not None else cfg.eval.num_beams
     metrics, predictions = evaluate(model, rows, k=k, estimator=cfg.train.estimator, decode=decode,

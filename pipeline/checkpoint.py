@@ -275,7 +275,7 @@ def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tu
                      posterior_encoder=posterior, passage_encoder=passage,
                      rerank_top_m=cfg.index.rerank_top_m if passage is not None else 0)
     if cfg.retriever.hybrid_k > 0:       # trained with hybrid candidates: evaluated and served with them
-        model.attach_bm25(cfg.retriever.hybrid_k)
+        model.attach_bm25(cfg.retriever.hybrid_k, cfg.retriever.bm25_weight)
     return model, cfg, meta
 
 

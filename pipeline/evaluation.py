@@ -47,7 +47,8 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
              retrieve=None) -> tuple[dict, list]:
     """Returns (metrics, predictions). `estimator` (a registered name, or a run Config) chooses the decoder
     (`decoder_for`). The reader reads `model.retrieve(questions, k)`: the top k, or with hybrid candidates the
-    k + H of `RagModel.prior_rows`; recall@1/5/20 are the dense ranking's, recall@candidates the read set's.
+    k + H of `RagModel.prior_rows`; recall@1/5/20 are the retriever's ranking's (dense, or with a fused prior the
+    dense top-20 and BM25's top-H ranked by the fused score), recall@candidates the read set's.
     `retrieve(questions, depth) -> Candidates` replaces the model's own retrieval (a baseline such as BM25
     candidates read by the model's generator; its top k are read). F1 is also reported per answer type
     (`f1_yes_no`, `f1_other`: `pipeline.metrics.answer_type`).
@@ -68,9 +69,12 @@ def evaluate(model, rows: list[dict], k: int = 5, estimator: str = "rag-sequence
         questions = [r["question"] for r in chunk]
         if retrieve is not None or width == k:
             ranked = cand = (retrieve or model.retrieve)(questions, depth)
-        else:   # hybrid: the dense ranking (recall@1/5/20) and the k + H candidates the reader reads
+        else:   # hybrid: the retriever's ranking (recall@1/5/20) and the k + H candidates the reader reads
             q = model.query_encoder(questions)
-            ranked = model.candidates(model.search_rows(q, depth), q)
+            # a fused prior ranks the dense top-depth and BM25's top-H by its own score; else the dense order
+            ranked_rows = (model.prior_rows(questions, q, min(depth, len(model.index.ids) - model.hybrid_k))
+                           if model.bm25_weight else model.search_rows(q, depth))
+            ranked = model.candidates(ranked_rows, q)
             cand = model.candidates(model.prior_rows(questions, q, k), q)
         retrieved += ranked.ids
         read += cand.ids

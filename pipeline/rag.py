@@ -12,9 +12,11 @@ VRAG and JSA also use a posterior retriever q(z|x,y): `posterior_encoder`, its o
 Ragged sets of (question, passage, answer) triples are scored with `model.pair_logprobs`.
 
 Hybrid candidates (`retriever.hybrid_k` = H > 0, `attach_bm25`): `retrieve(questions, K)` returns K + H rows, the
-dense top-K united with BM25's top-H (`hybrid_union`), ordered by dense score. BM25 only proposes: p(z|x) is still
-softmax(dense score / tau) over those rows, so the query encoder is what trains. The posterior keeps its own dense
-search (`retrieve_posterior`), and so do the anchor and the independent strategy's negatives (`search_rows`).
+dense top-K united with BM25's top-H (`hybrid_union`), ordered by the prior's score. By default BM25 only proposes:
+p(z|x) is softmax(dense score / tau) over those rows. With `retriever.bm25_weight` w > 0 the prior is fused,
+softmax(dense score / tau + w * BM25 score) (`prior_scores`), and the query encoder is still what trains. The
+posterior keeps its own dense search and scores (`retrieve_posterior`), and so do the anchor and the independent
+strategy's negatives (`search_rows`, `score_rows`).
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ class RagModel(nn.Module):
         self.index = index               # a SearchIndex (not a module: it is not trained here)
         self.tau = tau
         self.hybrid_k = 0                # H: BM25's top-H join the dense top-K (attach_bm25)
+        self.bm25_weight = 0.0           # w of the fused prior (attach_bm25); 0 = BM25 only proposes
         self.bm25 = None                 # pipeline.index.bm25.Bm25Index over the index's rows
 
     def set_index(self, index: SearchIndex) -> None:
@@ -97,14 +100,16 @@ class RagModel(nn.Module):
         old, self.index = self.index, index
         # a refreshed version holds the same passages in the same rows: its BM25 is the one we have
         if self.bm25 is not None and list(old.ids) != list(index.ids):
-            self.attach_bm25(self.hybrid_k)
+            self.attach_bm25(self.hybrid_k, self.bm25_weight)
 
-    def attach_bm25(self, hybrid_k: int) -> "RagModel":
-        """Hybrid candidates: BM25's top-`hybrid_k` join the dense top-K in `retrieve` (0 = dense only). The BM25
-        index is loaded from the index version's `bm25/`, or built there once."""
+    def attach_bm25(self, hybrid_k: int, weight: float = 0.0) -> "RagModel":
+        """Hybrid candidates: BM25's top-`hybrid_k` join the dense top-K in `retrieve` (0 = dense only), and with
+        `weight` > 0 the prior adds weight * BM25 score to the dense score / tau. The BM25 index is loaded from the
+        index version's `bm25/`, or built there once."""
         from pipeline.index.bm25 import open_bm25     # bm25s (and scipy): only where hybrid candidates are used
 
         self.hybrid_k = int(hybrid_k)
+        self.bm25_weight = float(weight) if self.hybrid_k > 0 else 0.0
         self.bm25 = open_bm25(self.index) if self.hybrid_k > 0 else None
         return self
 
@@ -152,7 +157,7 @@ class RagModel(nn.Module):
 
     def prior_rows(self, questions: list[str], query_vectors: torch.Tensor, k: int) -> np.ndarray:
         """The prior's candidate rows [B, width(k)]: the dense top-k, or with hybrid candidates the dense top-k
-        united with BM25's top-H (`hybrid_union`), ordered by dense score (the first is the dense top-1)."""
+        united with BM25's top-H (`hybrid_union`), ordered by the prior's score (`prior_scores`)."""
         if self.bm25 is None or self.hybrid_k <= 0:
             return self.search_rows(query_vectors, k)
         width = self.width(k)
@@ -163,7 +168,7 @@ class RagModel(nn.Module):
         _, sparse = self.bm25.search(questions, self.hybrid_k)
         rows = hybrid_union(dense, sparse, k)
         with torch.no_grad():
-            scores = self.score_rows(query_vectors.detach(), rows).float().cpu().numpy()
+            scores = self.prior_scores(questions, query_vectors.detach(), rows).float().cpu().numpy()
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(rows, order, axis=1)
 
@@ -194,8 +199,17 @@ class RagModel(nn.Module):
         emb = emb.view(*rows.shape, -1).to(device=query_vectors.device, dtype=dtype)
         return (query_vectors.to(dtype).unsqueeze(1) * emb).sum(-1) / self.tau
 
+    def prior_scores(self, questions: list[str], query_vectors: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """[B, M] logits of p(z|x) over rows [B, M]: score / tau, plus bm25_weight * BM25 score when the prior is
+        fused (the BM25 part is a constant: the gradient reaches the query encoder only)."""
+        scores = self.score_rows(query_vectors, rows)
+        if self.bm25 is None or self.bm25_weight == 0:
+            return scores
+        sparse = torch.from_numpy(self.bm25.scores(questions, rows)).to(device=scores.device, dtype=scores.dtype)
+        return scores + self.bm25_weight * sparse
+
     def doc_scores(self, questions: list[str], cand: Candidates) -> torch.Tensor:
-        return self.score_rows(cand.query_vectors, cand.rows)
+        return self.prior_scores(questions, cand.query_vectors, cand.rows)
 
     # ----------------------------------------------------------------------------------------- generator
     def pair_logprobs(self, questions: list[str], passages: list[str], answers: list[str]):

@@ -135,7 +135,7 @@ def _retrieve_group(model, items: list[RetrieveItem]) -> list[Retrieved]:
         found = {}
         for k, idx in groups.items():
             rows = model.prior_rows([questions[i] for i in idx], q[idx], k)
-            scores = model.score_rows(q[idx], rows).float().cpu()
+            scores = model.prior_scores([questions[i] for i in idx], q[idx], rows).float().cpu()
             found.update((i, (rows[j], scores[j])) for j, i in enumerate(idx))
     out = []
     for i, it in enumerate(items):

@@ -46,6 +46,7 @@ class ModelRef:
     # what the checkpoint was evaluated with (its config.yaml): the serving defaults
     rerank_top_m: int = 0       # > 0 with a trained passage encoder: re-rank the index's top-M with it
     hybrid_k: int = 0           # retriever.hybrid_k: BM25's top-H join the dense top-k (k + H passages)
+    bm25_weight: float = 0.0    # retriever.bm25_weight: the fused prior's BM25 weight (0 = BM25 only proposes)
     eval_k: int | None = None
     decode: str | None = None
     num_beams: int | None = None
@@ -211,7 +212,8 @@ def _checkpoint_settings(ckpt: Path, has_passage_encoder: bool) -> dict:
     ev, train, idx = cfg.get("eval") or {}, cfg.get("train") or {}, cfg.get("index") or {}
     out = {"eval_k": ev.get("k"), "decode": ev.get("decode"), "num_beams": ev.get("num_beams"),
            "rerank_top_m": int(idx.get("rerank_top_m") or 0) if has_passage_encoder else 0,
-           "hybrid_k": int((cfg.get("retriever") or {}).get("hybrid_k") or 0)}
+           "hybrid_k": int((cfg.get("retriever") or {}).get("hybrid_k") or 0),
+           "bm25_weight": float((cfg.get("retriever") or {}).get("bm25_weight") or 0.0)}
     try:
         out["decoder"] = decoder_for(train["estimator"]) if train.get("estimator") else None
     except ValueError:                     # an estimator this installation does not know: no default mode
@@ -299,7 +301,7 @@ def load_retriever_part(ref: ModelRef):
     model = RagModel(encoder, None, index, tau=ref.tau, passage_encoder=passage,
                      rerank_top_m=ref.rerank_top_m if passage is not None else 0).eval()
     if ref.hybrid_k > 0:        # the version's BM25 index (bm25/, built there if missing): the candidates of eval
-        model.attach_bm25(ref.hybrid_k)
+        model.attach_bm25(ref.hybrid_k, ref.bm25_weight)
     return model
 
 

@@ -171,7 +171,7 @@ class Jsa(Estimator):
         m = max(len(s) for s in sets)
         c_rows = np.array([s + [s[0]] * (m - len(s)) for s in sets], dtype=np.int64)
         mask = torch.tensor([[j < len(s) for j in range(m)] for s in sets], device=prior_q.device)
-        log_prior = masked_log_softmax(model.score_rows(prior_q, c_rows), mask)
+        log_prior = masked_log_softmax(model.prior_scores(questions, prior_q, c_rows), mask)
         log_post = masked_log_softmax(model.score_rows(post_q, c_rows), mask)
         init_t = torch.tensor(init, dtype=torch.long, device=prior_q.device)
 

@@ -104,7 +104,7 @@ class Vrag(Estimator):
             cand = model.candidates(c_rows, cand.query_vectors)
             mask = mask.to(prior_q.device)
         post_scores = model.score_rows(cand.query_vectors, cand.rows)         # grad -> posterior encoder
-        prior_scores = model.score_rows(prior_q, cand.rows)                   # grad -> prior encoder
+        prior_scores = model.prior_scores(questions, prior_q, cand.rows)      # grad -> prior encoder
         extra = {}
         if self.cfg.mode == "sampled":
             log_q, log_p = masked_log_softmax(post_scores, mask), masked_log_softmax(prior_scores, mask)

@@ -75,6 +75,18 @@ class Bm25Index:
         rows = docs.astype(np.int64) if with_zero_scores else np.where(scores > 0, docs, -1).astype(np.int64)
         return scores.astype(np.float32), rows
 
+    def scores(self, questions: list[str], rows: np.ndarray) -> np.ndarray:
+        """[B, M] BM25 scores of the given index rows [B, M] (-1 rows score 0): what a fused prior adds to the
+        dense scores. bm25s scores every passage of a query at once, as its own top-k search does."""
+        rows = np.asarray(rows)
+        out = np.zeros(rows.shape, dtype=np.float32)
+        for i, tokens in enumerate(_tokenize(list(questions), return_ids=False)):
+            ids = self.retriever.get_tokens_ids(list(tokens))
+            if ids:       # a question of stopwords only scores 0 everywhere
+                full = self.retriever.get_scores_from_ids(ids)
+                out[i] = np.where(rows[i] >= 0, full[np.clip(rows[i], 0, None)], 0.0)
+        return out
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write into `directory` (must not exist yet) atomically: aside, then renamed."""
         directory = Path(directory)

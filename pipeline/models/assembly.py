@@ -24,7 +24,7 @@ def build_model(cfg: Config, index, train_rows: list[dict] | None = None) -> Rag
     if cfg.retriever.train_passage_encoder:      # refreshed into new index versions by jobs/refresh.py
         attach_passage_encoder(model, cfg)
     if cfg.retriever.hybrid_k > 0:               # BM25 proposes candidates too (built once per index version)
-        model.attach_bm25(cfg.retriever.hybrid_k)
+        model.attach_bm25(cfg.retriever.hybrid_k, cfg.retriever.bm25_weight)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Hybrid candidates (retriever.hybrid_k): BM25's top-H united with the dense top-K, the prior still the dense score.
+"""Hybrid candidates (retriever.hybrid_k): BM25's top-H united with the dense top-K; the prior is the dense score, or
+with retriever.bm25_weight w the fused dense score / tau + w * BM25 score.
 
 The dense side is a lookup table (question i -> a score row over the passages, ArrayIndex of unit vectors), so which
 passages dense ranks where is known exactly; the BM25 side is real bm25s over the passages' words. No Ray.
@@ -66,13 +67,13 @@ class TableGenerator(nn.Module):
                                                                                                    inputs["p"])])
 
 
-def table_model(hybrid_k=2, generator=None):
+def table_model(hybrid_k=2, generator=None, bm25_weight=0.0):
     index = ArrayIndex(np.eye(len(TEXTS), dtype=np.float32), ids=[f"p{i}" for i in range(len(TEXTS))], texts=TEXTS)
     g = torch.Generator().manual_seed(0)
     generator = generator or TableGenerator(torch.randn(2, len(TEXTS), 2, generator=g, dtype=torch.float64))
     model = RagModel(TableEncoder(DENSE), generator, index, tau=0.5)
     model.posterior_encoder = TableEncoder(DENSE + torch.randn(DENSE.shape, generator=g, dtype=torch.float64))
-    return model.attach_bm25(hybrid_k)
+    return model.attach_bm25(hybrid_k, bm25_weight)
 
 
 # ------------------------------------------------------------------------------------------------ the union
@@ -122,9 +123,44 @@ def test_prior_is_the_dense_score_over_the_union_and_trains_the_query_encoder():
     assert grad[0, 7].abs() == 0                          # a passage outside the union gets none
 
 
+def test_bm25_scores_of_given_rows_are_its_search_scores():
+    bm25 = table_model(hybrid_k=2).bm25
+    scores, rows = bm25.search(QUESTIONS, 4, with_zero_scores=True)
+    assert np.allclose(bm25.scores(QUESTIONS, rows), scores)
+    assert bm25.scores(QUESTIONS, np.array([[5, -1], [5, 1]])).tolist()[0][1] == 0.0     # -1: no row, no score
+    assert bm25.scores(["the a of"], np.array([[0, 1]])).tolist() == [[0.0, 0.0]]      # stopwords only
+
+
+def test_a_fused_prior_adds_the_weighted_bm25_score_ranks_by_it_and_trains_only_the_query_encoder():
+    w = 3.0
+    model = table_model(hybrid_k=2, bm25_weight=w)
+    cand = model.retrieve(QUESTIONS, 3)
+    scores = model.doc_scores(QUESTIONS, cand)
+    sparse = torch.from_numpy(model.bm25.scores(QUESTIONS, cand.rows)).double()
+    dense = torch.stack([DENSE[i, cand.rows[i]] for i in range(2)]) / model.tau
+    assert sparse.abs().sum() > 0 and torch.allclose(scores.double(), dense + w * sparse)
+    fused = (dense + w * sparse).tolist()
+    assert all(row == sorted(row, reverse=True) for row in fused)          # candidates in fused order
+    assert cand.rows[0, 0] == 5        # BM25's glassblower passage, dense's last, is the fused prior's first
+    out = build_estimator("rag-sequence", k=3).loss(model, QUESTIONS, ["a", "a"])
+    out.loss.backward()
+    assert model.query_encoder.table.grad[0, 5].abs() > 0
+    model.attach_bm25(2, 0.0)          # weight 0: BM25 only proposes, the dense order is back
+    assert model.retrieve(QUESTIONS, 3).rows[0, -1] == 5
+
+
+def test_bm25_weight_needs_hybrid_candidates():
+    with pytest.raises(ConfigError, match="retriever.bm25_weight"):
+        from_dict({"retriever": {"bm25_weight": 1.0}}).validate()
+    with pytest.raises(ConfigError, match="retriever.bm25_weight"):
+        from_dict({"retriever": {"hybrid_k": 2, "bm25_weight": -1.0}}).validate()
+    assert from_dict({"retriever": {"hybrid_k": 2, "bm25_weight": 1.0}}).validate().retriever.bm25_weight == 1.0
+
+
+@pytest.mark.parametrize("bm25_weight", [0.0, 3.0])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_estimator_runs_on_hybrid_candidates(name):
-    model = table_model(hybrid_k=2)
+def test_every_estimator_runs_on_hybrid_candidates(name, bm25_weight):
+    model = table_model(hybrid_k=2, bm25_weight=bm25_weight)
     cfg = EstimatorConfig(jsa_num_proposals=4, dro_list_length=2, dro_num_lists=3, vrag_candidates="union")
     est = build_estimator(name, k=3, cfg=cfg)
     torch.manual_seed(0)
@@ -153,8 +189,12 @@ def test_evaluation_reads_the_passage_bm25_found_and_dense_did_not():
     hybrid, _ = evaluate(model, rows, k=3)
     assert dense["candidates"] == 3 and hybrid["candidates"] == 5
     assert dense["recall@candidates"] == 0.0 and hybrid["recall@candidates"] == 1.0
-    # recall@k is still the dense ranking's
+    # recall@k is still the dense ranking's; a fused prior ranks BM25's find first
     assert hybrid["recall@5"] == dense["recall@5"] == 0.0
+    model.attach_bm25(2, 3.0)
+    fused, _ = evaluate(model, rows, k=3)
+    assert fused["recall@1"] == 1.0 and fused["recall@candidates"] == 1.0
+    model.attach_bm25(2)
     with pytest.raises(ValueError, match="model.width"):       # decoding k passages of a k + H set is refused
         rag_sequence_decode(model, QUESTIONS[:1], k=3)
     assert len(rag_sequence_decode(model, QUESTIONS[:1], k=5, candidates=model.retrieve(QUESTIONS[:1], 3))[0]
