@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/hybrid_candidates.py                    # K 5, H 0 2 5, retrieval and reader
     .venv/bin/python benchmarks/hybrid_candidates.py --hs 0 2 5 10 --no-reader
+    .venv/bin/python benchmarks/hybrid_candidates.py --hs --no-reader --out /tmp/fused   # the fused prior's sweep only
 
 For each H (0 = dense only): the candidate set the reader reads (the dense top-K united with BM25's top-H,
 `RagModel.prior_rows`), and the dense top-(K + H) alone (as many passages, no BM25), and
@@ -10,7 +11,8 @@ For each H (0 = dense only): the candidate set the reader reads (the dense top-K
 - the untrained reader (--config's generator; results/hybrid was measured with the shipped copy-bart `reader`, then
   configs/cmu_qa_wiki.yaml's, vocabulary head from the training answers) decoding from those candidates: EM and F1, overall and split by answer type (yes/no vs other).
 Rows: the held-out articles' questions (dev + test, 437) and the test split alone (314, what `bench quality
---datasets cmu` evaluates). BM25 alone (top-K) is the reference line. Writes OUT/hybrid_candidates.json and .md.
+--datasets cmu` evaluates). BM25 alone (top-K) is the reference line. The fused prior (`retriever.bm25_weight` w): recall@1/@k of the dense
+top-k + BM25 top-H ranked by dense score / tau + w * BM25 score, per w, on the train and test questions. Writes OUT/hybrid_candidates.json and .md.
 The data is prepared with jobs.prepare_qa into --data (under /tmp, never the repo); the MiniLM index is cached
 under /tmp (benchmarks/common.cached_index) with its BM25 index beside it. No Ray, one process.
 """
@@ -88,6 +90,19 @@ def reader_figures(preds: list[dict], rows: list[dict]) -> dict:
     return out
 
 
+def fused_recall(model, rows: list[dict], k: int, h: int, weights: list[float]) -> list[dict]:
+    """recall@1 and @k of the fused prior's ranking of the dense top-k and BM25's top-h (retriever.bm25_weight w:
+    dense score / tau + w * BM25 score; w 0 = the dense order), per weight. No training, no reader."""
+    gold = [r.get("gold_passage_ids") or [] for r in rows]
+    out = []
+    for w in weights:
+        model.attach_bm25(h, w)
+        ids = [[str(model.index.ids[r]) for r in s] for s in candidate_sets(model, rows, k)]
+        out.append({"bm25_weight": w, "k": k, "hybrid_k": h, "recall@1": recall_at_k(ids, gold, 1),
+                    f"recall@{k}": recall_at_k(ids, gold, k)})
+    return out
+
+
 def markdown(results: dict) -> str:
     lines = [f"Hybrid candidates on cmu_qa_wiki, no training: dense MiniLM top-{results['k']} united with BM25's "
              "top-H (k1 0.9, b 0.4, English stopwords), untrained copy-bart reader", ""]
@@ -101,6 +116,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['label']} | {f('recall@candidates')} | {f('answer_in_candidates_other')} | "
                          f"{f('em_all')} | {f('f1_all')} | {f('f1_yes_no')} | {f('f1_other')} |")
         lines.append("")
+    for split, table in (results.get("fused") or {}).items():
+        k = table[0]["k"]
+        lines += [f"**fused prior, {split}**: dense top-{k} + BM25 top-{table[0]['hybrid_k']} ranked by dense/tau + "
+                  "w * BM25", "", f"| bm25_weight w | recall@1 | recall@{k} |", "|---|---|---|"]
+        lines += [f"| {row['bm25_weight']:g} | {row['recall@1']:.3f} | {row[f'recall@{k}']:.3f} |" for row in table]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -110,8 +131,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="/tmp/latentrag-hybrid-cmu", help="where jobs.prepare_qa writes (not the repo)")
     p.add_argument("--config", default=str(ROOT / "configs" / "cmu_qa_wiki.yaml"))
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--hs", type=int, nargs="+", default=[0, 2, 5])
+    p.add_argument("--hs", type=int, nargs="*", default=[0, 2, 5])
     p.add_argument("--no-reader", action="store_true", help="candidate sets only (no decoding)")
+    p.add_argument("--fused-weights", type=float, nargs="*", default=[0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3],
+                   help="retriever.bm25_weight values whose fused ranking is measured (train and test splits)")
+    p.add_argument("--fused-k", type=int, default=3, help="dense top-k of the fused ranking")
+    p.add_argument("--fused-h", type=int, default=2, help="BM25 top-H of the fused ranking")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hybrid"))
     args = p.parse_args(argv)
@@ -157,6 +182,11 @@ def main(argv=None) -> int:
                       **retrieval_figures(model, rows, [bm25_rows[i].tolist() for i in keep])})
         results["splits"][split] = {"num_questions": len(rows), "num_other": sum(not is_yes_no(r) for r in rows),
                                     "rows": table}
+    if args.fused_weights:
+        results["fused"] = {
+            split: fused_recall(model, rows, args.fused_k, args.fused_h, args.fused_weights)
+            for split, rows in (("train", data["train"]),
+                                ("test", [r for r in data["heldout"] if r["split"] == "test"]))}
     results["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
 """Real signals to the training driver (`python -m jobs.train` in its own process, with its own local Ray).
 
+One run, interrupted twice:
 - SIGINT mid-run: exit 130 with a hint that names --resume, the MLflow run KILLED, run.json "interrupted";
-  `--resume` continues from the newest reported checkpoint and ends at the planned step, training exactly the
-  examples an uninterrupted run would, in the same MLflow run.
-- SIGKILL mid-run (no handler runs): the guard marks the MLflow run KILLED and stops the local Ray the driver
-  started; `--resume` then finishes the run.
+  `--resume` continues from the newest reported checkpoint, training exactly the examples an uninterrupted run
+  would, in the same MLflow run.
+- SIGKILL of that resumed driver (no handler runs): the guard marks the MLflow run KILLED and stops the local Ray
+  the driver started; a second `--resume` then finishes the run at the planned step.
 """
 import json
 import os
@@ -24,7 +25,7 @@ from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 from pipeline.training import DataOrder
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_STEPS, CKPT_EVERY, BATCH, SEED = 30, 10, 2, 0
+MAX_STEPS, CKPT_EVERY, BATCH, SEED = 40, 10, 2, 0
 
 
 @pytest.fixture(scope="module")
@@ -79,35 +80,52 @@ def _mlflow_status(out: Path, run_id: str) -> str:
         return db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
 
 
-def _resume_and_check(root: Path, out: Path, ray_tmp: str, n_train: int, run_id: str) -> None:
-    log = out.parent / f"{out.name}-resume.log"
-    rc = subprocess.run(_command(root, out, "--resume"), cwd=ROOT, env=_env(ray_tmp), stdout=open(log, "w"),
-                        stderr=subprocess.STDOUT, timeout=600).returncode
-    text = log.read_text()
-    assert rc == 0, text[-3000:]
+def _wait_for_attempt(proc: subprocess.Popen, out: Path, n: int, timeout: float = 300) -> int:
+    """Until the worker of attempt `n` has started; the step it started at."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the driver ended early (rc {proc.returncode})"
+        starts = [r for r in _records(out / "trace" / "rank0.jsonl") if r.get("event") == "start"]
+        if len(starts) >= n:
+            return starts[n - 1]["step"]
+        time.sleep(0.2)
+    raise AssertionError(f"attempt {n} did not start in {timeout}s")
+
+
+def _resumed_at(out: Path) -> int:
+    """The step the newest attempt started at (its trace's start record; 0 = not a resume)."""
+    return [r for r in _records(out / "trace" / "rank0.jsonl") if r.get("event") == "start"][-1]["step"]
+
+
+def _check_finished(out: Path, log: Path, n_train: int, run_id: str, attempts: int) -> None:
+    """The run ended at MAX_STEPS in the same MLflow run; each resumed attempt started at the newest checkpoint on
+    storage (not OUTPUT_DIR/checkpoint, absent until the end, and not step 0) and trained on from there; every
+    attempt trained exactly the examples an uninterrupted run would."""
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == MAX_STEPS and m["mlflow_run_id"] == run_id
     assert _mlflow_status(out, run_id) == "FINISHED"
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     recs = _records(out / "trace" / "rank0.jsonl")
     starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
-    assert len(starts) == 2
-    resumed_at = recs[starts[1]]["step"]
-    # the newest checkpoint on storage, not OUTPUT_DIR/checkpoint (absent) and not step 0
+    assert len(starts) == attempts
+    resumed_at = recs[starts[-1]]["step"]
     assert resumed_at >= CKPT_EVERY and resumed_at % CKPT_EVERY == 0
-    assert f"resuming {out} at step {resumed_at} of {MAX_STEPS}" in text
-    after = [r for r in recs[starts[1] + 1:]]
-    assert [r["step"] for r in after] == list(range(resumed_at, MAX_STEPS))
+    assert f"resuming {out} at step {resumed_at} of {MAX_STEPS}" in log.read_text()
+    assert [r["step"] for r in recs[starts[-1] + 1:]] == list(range(resumed_at, MAX_STEPS))
     order = DataOrder(n_train, BATCH, 1, 0, SEED)
-    for r in recs:                                    # both attempts train the uninterrupted run's examples
+    for r in recs:
         if "event" not in r:
             assert r["indices"] == [order.indices(r["step"], 0)], r["step"]
 
 
 @pytest.mark.ray
-def test_sigint_to_the_driver_then_resume_finishes_the_run(kb_files, tmp_path):
+def test_sigint_then_sigkill_of_the_driver_then_resume_finishes_the_run(kb_files, tmp_path):
+    """One run, three attempts (so the suite pays for three driver starts, not four): SIGINT, then the resumed
+    attempt SIGKILLed, then a second resume finishes it."""
     root, n_train = kb_files
     out, ray_tmp = tmp_path / "run", tempfile.mkdtemp(prefix="rs", dir="/tmp")
+
+    # SIGINT mid-run: exit 130, a hint naming --resume, MLflow run KILLED, run.json "interrupted", no final output
     log = tmp_path / "first.log"
     proc = _start(_command(root, out), ray_tmp, log)
     _wait_for_step(proc, out, CKPT_EVERY + 3)
@@ -117,23 +135,23 @@ def test_sigint_to_the_driver_then_resume_finishes_the_run(kb_files, tmp_path):
     assert rc == 130, text[-3000:]
     assert "--resume" in text.splitlines()[-1]
     state = json.loads((out / "run.json").read_text())
-    assert state["status"] == "interrupted" and _mlflow_status(out, state["mlflow_run_id"]) == "KILLED"
+    run_id = state["mlflow_run_id"]
+    assert state["status"] == "interrupted" and _mlflow_status(out, run_id) == "KILLED"
     assert not (out / "checkpoint").exists() and not (out / "metrics.json").exists()
-    _resume_and_check(root, out, ray_tmp, n_train, state["mlflow_run_id"])
 
-
-@pytest.mark.ray
-def test_sigkill_of_the_driver_is_cleaned_up_then_resume_finishes_the_run(kb_files, tmp_path):
-    root, n_train = kb_files
-    out, ray_tmp = tmp_path / "run", tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    proc = _start(_command(root, out), ray_tmp, tmp_path / "first.log")
-    _wait_for_step(proc, out, CKPT_EVERY + 3)
+    # --resume, SIGKILLed past its next checkpoint (no handler runs): the guard marks the MLflow run KILLED and
+    # stops the local Ray the driver started
+    log = tmp_path / "second.log"
+    proc = _start(_command(root, out, "--resume"), ray_tmp, log)
+    first_resume = _wait_for_attempt(proc, out, 2)
+    _wait_for_step(proc, out, first_resume + CKPT_EVERY + 3)
+    assert f"resuming {out} at step {first_resume} of {MAX_STEPS}" in log.read_text()
     driver = psutil.Process(proc.pid)
     ray_procs = [p for p in driver.children(recursive=True) if "jobs.guard" not in " ".join(p.cmdline())]
     assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)     # the driver's own local Ray
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    assert json.loads((out / "run.json").read_text())["mlflow_run_id"] == run_id
     deadline = time.time() + 90
     while time.time() < deadline and (_mlflow_status(out, run_id) != "KILLED"
                                       or any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -143,7 +161,14 @@ def test_sigkill_of_the_driver_is_cleaned_up_then_resume_finishes_the_run(kb_fil
     left = [p.pid for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"Ray processes of the killed driver still running: {left}"
     assert json.loads((out / "run.json").read_text())["status"] == "killed"
-    _resume_and_check(root, out, ray_tmp, n_train, run_id)
+
+    # --resume again: from the killed attempt's newest checkpoint to the end, in the same MLflow run
+    log = tmp_path / "third.log"
+    rc = subprocess.run(_command(root, out, "--resume"), cwd=ROOT, env=_env(ray_tmp), stdout=open(log, "w"),
+                        stderr=subprocess.STDOUT, timeout=600).returncode
+    assert rc == 0, log.read_text()[-3000:]
+    _check_finished(out, log, n_train, run_id, attempts=3)
+    assert _resumed_at(out) >= first_resume + CKPT_EVERY
 
 
 def test_resume_with_nothing_to_resume_is_refused_before_any_output(kb_files, tmp_path):
