@@ -164,9 +164,14 @@ class IndexConfig:
                                        # "0-1000:200,1000-:1000"; empty = never re-encode during training
     rerank_top_m: int = 0              # > train.k: re-score the retrieved top-M with the current passage encoder
     refresh_cpus: float = 1.0          # logical CPUs of the background refresh build (its encode has its own actors)
-    search_shards: int = 0            # train workers: > 1 = search through that many index-shard actors per worker
-                                       # (jobs.sharded_index, for indexes too large to map in every worker); 0 = each
-                                       # worker memory-maps the index version
+    search_shards: int = 0            # train workers: > 1 = search through that many index-shard actors, each
+                                       # holding 1/N of the vectors (jobs.sharded_index, for indexes too large to map
+                                       # in every worker); 0 = each worker memory-maps the index version
+    shard_scope: str = "cluster"       # cluster = one set of shard actors for all workers of the run, spread over
+                                       # the nodes; node = one set per node, used by that node's workers only
+    cpus_per_shard: float = 0.5        # logical CPUs each shard actor reserves
+    shard_resource: str = ""           # a custom resource each shard actor needs 1 of (e.g. "index": shards go only
+                                       # to nodes started with --resources='{"index": N}', at most N per node)
 
 
 @dataclass
@@ -374,6 +379,13 @@ def _validate_refresh_impl(cfg: "Config") -> None:
                               f"eval.k={cfg.eval.k}")
     if cfg.index.refresh_cpus <= 0:
         raise ConfigError(f"index.refresh_cpus: must be > 0, got {cfg.index.refresh_cpus}")
+    if cfg.index.shard_scope not in ("cluster", "node"):
+        raise ConfigError(f"index.shard_scope: {cfg.index.shard_scope!r}; choose cluster or node")
+    if cfg.index.cpus_per_shard < 0:
+        raise ConfigError(f"index.cpus_per_shard: must be >= 0, got {cfg.index.cpus_per_shard}")
+    if cfg.index.shard_resource and cfg.index.shard_scope == "node":
+        raise ConfigError(f"index.shard_resource={cfg.index.shard_resource!r} pins shard actors to the nodes that "
+                          "have it, index.shard_scope=node to each training worker's node: choose one")
 
 
 # Renamed keys: (section, old key) -> (new key, why). The old key is refused with a message naming the new one.
