@@ -156,16 +156,17 @@ def train_loop_per_worker(config: dict) -> None:
         return ray.train.torch.prepare_model(module, move_to_device=False,
                                              parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    def open_index(version_dir):
-        # index.search_shards > 1: the run's shard actors, shared by every worker (named after the run)
-        return open_search_index(version_dir, cfg.index.search_shards, group=config.get("index_group"),
-                                 scope=cfg.index.shard_scope, cpus_per_shard=cfg.index.cpus_per_shard,
-                                 resource=cfg.index.shard_resource)
+    def open_index(version_dir, expected_encoder_fingerprint=None):
+        # index.search_shards > 1: the run's shard actors, shared by every worker (named after the run); this
+        # process then never loads the FAISS index, only ids, texts and the memory-mapped embeddings
+        return open_search_index(version_dir, cfg.index.search_shards, expected_encoder_fingerprint,
+                                 group=config.get("index_group"), scope=cfg.index.shard_scope,
+                                 cpus_per_shard=cfg.index.cpus_per_shard, resource=cfg.index.shard_resource)
 
     recipe = TrainRecipe(cfg, config["train_rows"], config.get("dev_rows"), rank=rank, world_size=world,
                          device=device, wrap=wrap,
                          autocast="cuda" if device.type == "cuda" and cfg.train.precision == "bf16" else None,
-                         open_index=open_index if cfg.index.search_shards > 1 else None)
+                         open_index=open_index)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:               # restarted after a failure, or --resume of this run
         with checkpoint.as_directory() as d:
@@ -175,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
         recipe.setup(checkpoint_dir=config["resume_from"])
         origin = config["resume_from"]
     else:
-        recipe.setup(load_index(config["index_dir"]))
+        recipe.setup(open_index(config["index_dir"]))
     if recipe.resumed_from is not None and rank == 0:
         _log(f"[train] resumed from {origin} at step {recipe.step}")
     trace = _Trace(cfg.output_dir, rank, cfg.train.trace)
