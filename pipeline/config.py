@@ -275,6 +275,13 @@ class Config:
         _validate_generator(self)
         if self.index.type not in ("flat", "hnsw", "ivfpq"):
             raise ConfigError(f"index.type: unknown index type {self.index.type!r}; choose flat, hnsw or ivfpq")
+        if self.index.shard_scope not in ("cluster", "node"):
+            raise ConfigError(f"index.shard_scope: {self.index.shard_scope!r}; choose cluster or node")
+        if self.index.cpus_per_shard < 0:
+            raise ConfigError(f"index.cpus_per_shard: must be >= 0, got {self.index.cpus_per_shard}")
+        if self.index.shard_resource and self.index.shard_scope == "node":
+            raise ConfigError(f"index.shard_resource={self.index.shard_resource!r} pins shard actors to the nodes that "
+                              "have it, index.shard_scope=node to each training worker's node: choose one")
         self._validate_refresh()
         for key, value in (("train.k", self.train.k), ("train.batch_size", self.train.batch_size),
                            ("train.max_steps", self.train.max_steps), ("eval.k", self.eval.k)):
@@ -379,13 +386,6 @@ def _validate_refresh_impl(cfg: "Config") -> None:
                               f"eval.k={cfg.eval.k}")
     if cfg.index.refresh_cpus <= 0:
         raise ConfigError(f"index.refresh_cpus: must be > 0, got {cfg.index.refresh_cpus}")
-    if cfg.index.shard_scope not in ("cluster", "node"):
-        raise ConfigError(f"index.shard_scope: {cfg.index.shard_scope!r}; choose cluster or node")
-    if cfg.index.cpus_per_shard < 0:
-        raise ConfigError(f"index.cpus_per_shard: must be >= 0, got {cfg.index.cpus_per_shard}")
-    if cfg.index.shard_resource and cfg.index.shard_scope == "node":
-        raise ConfigError(f"index.shard_resource={cfg.index.shard_resource!r} pins shard actors to the nodes that "
-                          "have it, index.shard_scope=node to each training worker's node: choose one")
 
 
 # Renamed keys: (section, old key) -> (new key, why). The old key is refused with a message naming the new one.
