@@ -532,6 +532,8 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
             # Ray Train's SIGINT handler aborts the run, then leaves through sys.exit(0)
             raise KeyboardInterrupt("training aborted by SIGINT") from exc
         train_seconds = time.time() - t
+        if cfg.index.search_shards > 1:
+            release_shards(ray_run_name)     # the workers are gone; free the shards' memory before evaluating
         if result.error:
             raise RuntimeError(f"training failed: {result.error}")
         final_dir = _keep_checkpoint(result, use_dev, output_dir)
