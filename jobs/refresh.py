@@ -5,7 +5,8 @@ snapshots the passage encoder at each scheduled step and submits one Ray task th
 snapshot (Ray Data, `jobs.encode`) and builds the next index version (`jobs.index.build_index`, not made `current`
 yet). Training goes on with the old index. At the first step boundary after the build is done, rank 0 broadcasts
 the new version to every worker (a `torch.distributed` broadcast when there are several), all of them switch
-(`RagModel.set_index`) before the next step, and rank 0 points the index root's `current` at it. Each refresh and
+(`RagModel.set_index`) before the next step, and rank 0 points the index root's `current` at it. Index-shard
+actors of the old version (index.search_shards) are stopped before the new version's start. Each refresh and
 its cost (snapshot, encode and build seconds, steps trained on the stale index, switch seconds) goes to MLflow.
 
 Resources: the build task reserves `index.refresh_cpus` logical CPUs and its encoder actors and build tasks as
@@ -91,9 +92,14 @@ class RefreshHook:
             return None
         t0 = time.perf_counter()
         old = model.index
+        if hasattr(old, "shutdown"):
+            # index-shard actors: the old version's go before the new version's start, so the cluster never holds
+            # both. Once every rank is here no rank searches the old version any more; shared actors (one set for
+            # all ranks) are then killed once, by rank 0
+            if self.world > 1:
+                dist.barrier()
+            old.shutdown(release_shared=self.rank == 0)
         model.set_index(self.open_index(target))
-        if hasattr(old, "shutdown"):              # index-shard actors of the old version
-            old.shutdown()
         switch_seconds = time.perf_counter() - t0
         self.switches += 1
         if self.rank == 0:

@@ -30,7 +30,7 @@ from jobs.guard import DriverGuard
 from jobs.index import build_index
 from jobs.ray_env import check_paths_on_nodes, ensure_ray, error_message, inside_job_package
 from jobs.refresh import make_refresh_hook
-from jobs.sharded_index import open_search_index
+from jobs.sharded_index import check_shard_room, open_search_index, release_shards
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.config import Config, ConfigError, describe_defaults, from_dict, load_config, save_config
 from pipeline.data import (DataError, GoldPassages, chunk_passages, iter_passage_batches, read_corpus,
@@ -156,11 +156,17 @@ def train_loop_per_worker(config: dict) -> None:
         return ray.train.torch.prepare_model(module, move_to_device=False,
                                              parallel_strategy_kwargs={"find_unused_parameters": True})
 
+    def open_index(version_dir, expected_encoder_fingerprint=None):
+        # index.search_shards > 1: the run's shard actors, shared by every worker (named after the run); this
+        # process then never loads the FAISS index, only ids, texts and the memory-mapped embeddings
+        return open_search_index(version_dir, cfg.index.search_shards, expected_encoder_fingerprint,
+                                 group=config.get("index_group"), scope=cfg.index.shard_scope,
+                                 cpus_per_shard=cfg.index.cpus_per_shard, resource=cfg.index.shard_resource)
+
     recipe = TrainRecipe(cfg, config["train_rows"], config.get("dev_rows"), rank=rank, world_size=world,
                          device=device, wrap=wrap,
                          autocast="cuda" if device.type == "cuda" and cfg.train.precision == "bf16" else None,
-                         open_index=(lambda d: open_search_index(d, cfg.index.search_shards))
-                         if cfg.index.search_shards > 1 else None)
+                         open_index=open_index)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:               # restarted after a failure, or --resume of this run
         with checkpoint.as_directory() as d:
@@ -170,19 +176,21 @@ def train_loop_per_worker(config: dict) -> None:
         recipe.setup(checkpoint_dir=config["resume_from"])
         origin = config["resume_from"]
     else:
-        recipe.setup(load_index(config["index_dir"]))
+        recipe.setup(open_index(config["index_dir"]))
     if recipe.resumed_from is not None and rank == 0:
         _log(f"[train] resumed from {origin} at step {recipe.step}")
     trace = _Trace(cfg.output_dir, rank, cfg.train.trace)
+    shards = recipe.model.index.shard_memory() if trace.path and hasattr(recipe.model.index, "shard_memory") else []
     trace.write(event="start", pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
                 step=recipe.step, world_size=world,
                 estimator_state_size=sum(len(v) if isinstance(v, dict) else 1
-                                         for v in recipe.trainer.estimator.state_dict().values()))
+                                         for v in recipe.trainer.estimator.state_dict().values()),
+                index_shard_pids=[m["pid"] for m in shards])
     mlflow = _attach_mlflow(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") \
         else None
     refresh = make_refresh_hook(cfg, config["index_dir"], cfg.output_dir, rank, world, log=_log,
                                 log_metrics=(lambda m, s: mlflow.log_metrics(m, step=s)) if mlflow else None,
-                                open_index=lambda d: open_search_index(d, cfg.index.search_shards))
+                                open_index=open_index)
     recipe.events = RayTrainEvents(cfg, rank, trace, mlflow, refresh)
     recipe.train()
     recipe.cleanup()
@@ -335,10 +343,13 @@ def _start_or_reattach_tracker(cfg: Config, output_dir: Path, plan: dict | None)
 def make_torch_trainer(cfg: Config, loop_config: dict, name: str, storage_path: str | Path, use_dev: bool,
                        callbacks: list | None = None):
     """The TorchTrainer of a run (also of a multi-worker Tune trial): `train_loop_per_worker` on
-    train.num_workers workers; checkpoints ranked by dev_score when there is a dev set."""
+    train.num_workers workers; checkpoints ranked by dev_score when there is a dev set. Index-shard actors
+    (index.search_shards) are named after the run (`name`): the caller of fit() releases them afterwards with
+    `jobs.sharded_index.release_shards(name)`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    loop_config = {**loop_config, "index_group": name}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -493,6 +504,9 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
         index = load_index(index_dir or _build_index(cfg, passages_dir, output_dir, tracker))
         _log(f"[index] version {index.version}: {len(index.ids)} passages, type {index.manifest['type']}")
         check_gold_ids(cfg, index.ids, train_rows, dev_rows, eval_rows)     # an --index the QA files do not fit
+        if cfg.index.search_shards > len(index):
+            raise ConfigError(f"index.search_shards={cfg.index.search_shards}: more shards than the index "
+                              f"{index.path} has passages ({len(index)})")
         tracker.set_tags({f"lineage.{k}": v for k, v in run_lineage(cfg, index).items()})
 
         # 2. the untrained start, built as every worker builds it
@@ -518,6 +532,8 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
             # Ray Train's SIGINT handler aborts the run, then leaves through sys.exit(0)
             raise KeyboardInterrupt("training aborted by SIGINT") from exc
         train_seconds = time.time() - t
+        if cfg.index.search_shards > 1:
+            release_shards(ray_run_name)     # the workers are gone; free the shards' memory before evaluating
         if result.error:
             raise RuntimeError(f"training failed: {result.error}")
         final_dir = _keep_checkpoint(result, use_dev, output_dir)
@@ -553,18 +569,22 @@ def run_training(cfg: Config, output_dir: str | Path, passages_dir: str | Path |
             tracker.end("KILLED" if interrupted else "FAILED")
         raise
     finally:
+        if cfg.index.search_shards > 1:
+            release_shards(ray_run_name)     # the run's index-shard actors are detached: nobody else ends them
         if guard is not None:
             guard.close()
 
 
 def check_train_resources(cfg: Config) -> None:
-    """The train workers must fit on the cluster's nodes as they are, or Ray Train waits for them forever (after
-    ingest and encoding): refused here with the numbers, unless train.wait_for_resources (an autoscaling cluster
-    starts the nodes on demand). A worker's CPUs (and GPU) must all be on one node."""
+    """The train workers (and index-shard actors, `check_shard_room`) must fit on the cluster's nodes as they are,
+    or Ray Train waits for them forever (after ingest and encoding): refused here with the numbers, unless
+    train.wait_for_resources (an autoscaling cluster starts the nodes on demand). A worker's CPUs (and GPU) must all
+    be on one node."""
     import ray
 
     if cfg.train.wait_for_resources:
         return
+    check_shard_room(cfg.index, cfg.train.num_workers * cfg.train.cpus_per_worker)
     need = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": 1.0} if cfg.train.use_gpu else {})}
     need = {k: v for k, v in need.items() if v > 0}
     if not need:

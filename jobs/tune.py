@@ -29,6 +29,7 @@ import ray
 
 from jobs.index import build_index
 from jobs.ray_env import ensure_ray
+from jobs.sharded_index import release_shards
 from jobs.train import check_gold_ids, make_torch_trainer, passage_ids_of, prepare_passages
 from pipeline import sweep
 from pipeline.config import Config, ConfigError, from_dict, save_config
@@ -135,12 +136,15 @@ def trial_torch_trainer(params: dict, base_cfg: dict, settings: dict, index_dir:
     ctx = ray.tune.get_context()
     tracker = child_tracker(tracking_uri, parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(), phase)
     tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
+    name = f"train-trial_id={ctx.get_trial_id()}"
     trainer = make_torch_trainer(
         cfg, {"cfg": cfg.to_dict(), "index_dir": index_dir, "train_rows": train_rows, "dev_rows": dev_rows,
               "tracking_uri": tracking_uri, "run_id": tracker.run_id, "resume_from": None},
-        f"train-trial_id={ctx.get_trial_id()}", storage_path, use_dev=True,
-        callbacks=[_score_callback(metric, tie_break)])
-    result = trainer.fit()
+        name, storage_path, use_dev=True, callbacks=[_score_callback(metric, tie_break)])
+    try:
+        result = trainer.fit()
+    finally:
+        release_shards(name)                 # the trial's index-shard actors (index.search_shards), if any
     tracker.end("FAILED" if result.error else "FINISHED")
     if result.error:
         raise RuntimeError(f"trial training failed: {result.error}")

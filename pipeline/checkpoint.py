@@ -258,17 +258,20 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return json.loads(meta_file.read_text())
 
 
-def load_checkpoint(path: str | Path, index_dir: str | Path | None = None) -> tuple[RagModel, Config, dict]:
+def load_checkpoint(path: str | Path, index_dir: str | Path | None = None,
+                    open_index=None) -> tuple[RagModel, Config, dict]:
     """(model, config, meta). `index_dir` overrides the index the checkpoint was trained with (else it is found
-    by `resolve_index_dir`, also after a move)."""
+    by `resolve_index_dir`, also after a move). `open_index(version_dir, expected_encoder_fingerprint)` opens it
+    another way than `load_index` (a training worker: through index-shard actors, never the whole index here)."""
     import yaml
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
     cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=path / "config.yaml",
                     upgrade_renamed=True)
-    index = load_index(index_dir or resolve_index_dir(path, meta),
-                       expected_encoder_fingerprint=meta.get("index_encoder_fingerprint") if index_dir is None else None)
+    index = (open_index or load_index)(
+        index_dir or resolve_index_dir(path, meta),
+        expected_encoder_fingerprint=meta.get("index_encoder_fingerprint") if index_dir is None else None)
     posterior = load_encoder(path / "posterior_encoder") if (path / "posterior_encoder").is_dir() else None
     passage = load_encoder(path / "passage_encoder") if (path / "passage_encoder").is_dir() else None
     model = RagModel(load_encoder(path / "query_encoder"), load_generator(path / "generator"), index, tau=meta["tau"],

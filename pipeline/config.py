@@ -168,9 +168,14 @@ class IndexConfig:
                                        # "0-1000:200,1000-:1000"; empty = never re-encode during training
     rerank_top_m: int = 0              # > train.k: re-score the retrieved top-M with the current passage encoder
     refresh_cpus: float = 1.0          # logical CPUs of the background refresh build (its encode has its own actors)
-    search_shards: int = 0            # train workers: > 1 = search through that many index-shard actors per worker
-                                       # (jobs.sharded_index, for indexes too large to map in every worker); 0 = each
-                                       # worker memory-maps the index version
+    search_shards: int = 0            # train workers: > 1 = search through that many index-shard actors, each
+                                       # holding 1/N of the vectors (jobs.sharded_index, for indexes too large to map
+                                       # in every worker); 0 = each worker memory-maps the index version
+    shard_scope: str = "cluster"       # cluster = one set of shard actors for all workers of the run, spread over
+                                       # the nodes; node = one set per node, used by that node's workers only
+    cpus_per_shard: float = 0.5        # logical CPUs each shard actor reserves
+    shard_resource: str = ""           # a custom resource each shard actor needs 1 of (e.g. "index": shards go only
+                                       # to nodes started with --resources='{"index": N}', at most N per node)
 
 
 @dataclass
@@ -274,6 +279,13 @@ class Config:
         _validate_generator(self)
         if self.index.type not in ("flat", "hnsw", "ivfpq"):
             raise ConfigError(f"index.type: unknown index type {self.index.type!r}; choose flat, hnsw or ivfpq")
+        if self.index.shard_scope not in ("cluster", "node"):
+            raise ConfigError(f"index.shard_scope: {self.index.shard_scope!r}; choose cluster or node")
+        if self.index.cpus_per_shard < 0:
+            raise ConfigError(f"index.cpus_per_shard: must be >= 0, got {self.index.cpus_per_shard}")
+        if self.index.shard_resource and self.index.shard_scope == "node":
+            raise ConfigError(f"index.shard_resource={self.index.shard_resource!r} pins shard actors to the nodes that "
+                              "have it, index.shard_scope=node to each training worker's node: choose one")
         self._validate_refresh()
         for key, value in (("train.k", self.train.k), ("train.batch_size", self.train.batch_size),
                            ("train.max_steps", self.train.max_steps), ("eval.k", self.eval.k)):

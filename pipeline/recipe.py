@@ -113,8 +113,8 @@ class _Window:
 
 class TrainRecipe:
     """One training run. `wrap` makes the loss module distributed (Ray Train's prepare_model); `autocast` is a
-    device type for bf16 autocast or None; `open_index(path)` reopens the model's index the way this driver
-    searches it (e.g. through index-shard actors)."""
+    device type for bf16 autocast or None; `open_index(version_dir, expected_encoder_fingerprint=None)` opens a
+    checkpoint's index the way this driver searches it (e.g. through index-shard actors) instead of `load_index`."""
 
     def __init__(self, cfg: Config, train_rows: list[dict], dev_rows: list[dict] | None = None,
                  events: Events | None = None, rank: int = 0, world_size: int = 1,
@@ -129,19 +129,17 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, index=None, checkpoint_dir: str | Path | None = None) -> "TrainRecipe":
-        """Build the model from the config over `index`, or restore model, trainer state and step from
-        `checkpoint_dir`. Same seed on every rank: identical initial weights."""
+        """Build the model from the config over `index` (as given), or restore model, trainer state and step from
+        `checkpoint_dir` (its index opened with `open_index`). Same seed on every rank: identical initial weights."""
         cfg = self.cfg
         torch.set_num_threads(cfg.train.torch_threads)
         seed_everything(cfg.train.seed)
         state = None
         if checkpoint_dir is not None:
-            self.model, _, _ = load_checkpoint(checkpoint_dir)
+            self.model, _, _ = load_checkpoint(checkpoint_dir, open_index=self.open_index)
             state = load_trainer_state(checkpoint_dir)
         else:
             self.model = build_model(cfg, index, self.train_rows)
-        if self.open_index is not None:
-            self.model.set_index(self.open_index(self.model.index.path))
         self.model.to(self.device)
         estimator = build_estimator(cfg.train.estimator, k=cfg.train.k, cfg=cfg.estimator)
         source = f"data.train_qa ({cfg.data.train_qa})" if cfg.data.train_qa else "the synthetic training questions"
