@@ -1,7 +1,8 @@
 """Ray Train fault tolerance for real: two DDP workers train JSA (per-rank caches in the checkpoints); once a
 checkpoint exists the test SIGKILLs one worker process. The run must restart from its last checkpoint, finish
 with the planned number of steps, and train exactly the planned example sequence (steps after the checkpoint are
-replayed with the same examples, none is lost)."""
+replayed with the same examples, none is lost). The workers search through index-shard actors
+(index.search_shards=2): one set shared by both ranks, kept across the worker group's restart, gone after the run."""
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import ray
 from testlib import minilm_index
 
 from pipeline.config import load_config
@@ -38,7 +41,8 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_no_example(ray_local, t
                              f"train.batch_size={BATCH}", f"train.num_workers={WORKERS}", "train.cpus_per_worker=1",
                              "train.torch_threads=1", "train.trace=true", "train.warmup_steps=1",
                              "train.log_every=2", "train.estimator=jsa", "estimator.jsa_num_proposals=3",
-                             "train.k=3", "eval.k=3", "eval.max_questions=4", "generator.max_source_length=64"])
+                             "train.k=3", "eval.k=3", "eval.max_questions=4", "generator.max_source_length=64",
+                             "index.search_shards=2", "index.cpus_per_shard=0"])
     result: dict = {}
 
     def run():
@@ -85,6 +89,17 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_no_example(ray_local, t
         order = DataOrder(n, BATCH, WORKERS, rank, cfg.train.seed)
         for r in before + after:                                # replayed steps train the same examples
             assert r["indices"] == [order.indices(r["step"], 0)], r["step"]
+    # one set of shard actors for both ranks, the same one after the restart (detached: a worker's death does not
+    # take the index down), and none left once the run ended
+    shard_pids = {tuple(r["index_shard_pids"]) for rank in range(WORKERS)
+                  for r in _records(out / "trace" / f"rank{rank}.jsonl") if r.get("event") == "start"}
+    assert len(shard_pids) == 1 and len(set(next(iter(shard_pids)))) == 2, shard_pids
+    group = json.loads((out / "run.json").read_text())["ray_run_name"]
+    assert [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(group)] == []
+    deadline = time.time() + 30
+    while any(psutil.pid_exists(p) for p in next(iter(shard_pids))) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(psutil.pid_exists(p) for p in next(iter(shard_pids)))
     # the killed worker was one of the first attempt's
     assert killed_pid in {_records(out / "trace" / f"rank{r}.jsonl")[0]["pid"] for r in range(WORKERS)}
     db = sqlite3.connect(out / "mlflow.db")
