@@ -88,7 +88,15 @@ class _VersionCache:
         self._loader = loader
         self._keep = max(1, keep)
         self._models: OrderedDict[str, Any] = OrderedDict()
+        self._versions: dict[str, str] = {}        # key -> "model_version@index_version" (no paths)
         self._lock = asyncio.Lock()
+
+    def put(self, ref: ModelRef, model) -> None:
+        self._models[ref.key] = model
+        self._versions[ref.key] = f"{ref.model_version}@{ref.index_version}"
+        self._models.move_to_end(ref.key)
+        while len(self._models) > self._keep:
+            self._versions.pop(self._models.popitem(last=False)[0], None)  # in-flight users keep their reference
 
     async def get(self, ref: ModelRef):
         model = self._models.get(ref.key)
@@ -97,14 +105,30 @@ class _VersionCache:
                 model = self._models.get(ref.key)
                 if model is None:
                     model = await asyncio.to_thread(self._loader, ref)
-                    self._models[ref.key] = model
-                    while len(self._models) > self._keep:
-                        self._models.popitem(last=False)   # in-flight users keep their own reference
+                    self.put(ref, model)
         self._models.move_to_end(ref.key)
         return model
 
     def keys(self) -> list[str]:
         return list(self._models)
+
+    def versions(self) -> list[str]:
+        """The loaded versions as "model_version@index_version", least recently used first."""
+        return [self._versions[k] for k in self._models]
+
+
+def _replica_stats(replica) -> dict:
+    """A replica's batching so far, where it runs (Serve's replica id, Ray node id) and the versions it holds: with
+    several replicas, /v1/info shows the one its call reached (how a cluster test sees every replica answer and
+    reload)."""
+    return {**batch_stats(replica), **replica.where, "versions": replica.models.versions()}
+
+
+def _where() -> dict:
+    import ray
+
+    return {"replica": serve.get_replica_context().replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _set_threads(n: int) -> None:
@@ -166,12 +190,14 @@ class Retriever:
         self.retrieve.set_max_batch_size(self.args.retriever_max_batch_size)
         self.retrieve.set_batch_wait_timeout_s(self.args.retriever_batch_wait_timeout_s)
         self._initial = ModelRef.from_dict(ref)
-        self.models._models[self._initial.key] = load_retriever_part(self._initial)
+        self.models.put(self._initial, load_retriever_part(self._initial))
         self.batches, self.batched_requests = 0, 0
+        self.where = _where()
 
     def stats(self) -> dict:
-        """This replica's batching so far: how many batches, how many requests they held."""
-        return batch_stats(self)
+        """This replica's batching so far (how many batches, how many requests they held), where it runs and the
+        versions it holds."""
+        return _replica_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         """Load a version ahead of a reload (the one being served keeps serving meanwhile)."""
@@ -284,16 +310,18 @@ class Generator:
         self.answer.set_max_batch_size(self.args.max_batch_size)
         self.answer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         initial = ModelRef.from_dict(ref)
-        self.models._models[initial.key] = load_generator_part(initial)
+        self.models.put(initial, load_generator_part(initial))
         self.batches, self.batched_requests = 0, 0
+        self.where = _where()
         # retrieval and decoding each run over what queued up while they were busy (one of each at a time, so a
         # batch retrieves while the one before it decodes)
         self._retrieval = Coalescer(self._retrieve_for, self.args.retriever_max_batch_size)
         self._decoding = Coalescer(self._decode, self.args.max_batch_size)
 
     def stats(self) -> dict:
-        """This replica's batching so far: how many decoder batches, how many requests they held."""
-        return batch_stats(self)
+        """This replica's batching so far (how many decoder batches, how many requests they held), where it runs
+        and the versions it holds."""
+        return _replica_stats(self)
 
     async def prepare(self, ref: dict) -> list[str]:
         await self.models.get(ModelRef.from_dict(ref))
@@ -552,7 +580,8 @@ class Ingress:
 
     @api.get("/v1/info")
     async def info(self) -> dict:
-        """Versions, limits and batching statistics (no filesystem paths)."""
+        """Versions, limits and batching statistics (of the replicas this call reached: their ids, nodes and loaded
+        versions; no filesystem paths)."""
         return {**self.active.public(), "estimator": self.active.estimator, "tau": self.active.tau,
                 "index_count": self.active.index_count, "modes": ["rag-sequence", "rag-token"],
                 "limits": {"max_k": min(self.args.max_k, self.active.index_count or self.args.max_k),

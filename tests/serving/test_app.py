@@ -47,6 +47,10 @@ def test_retrieve_health_info_openapi(served):
     assert gen_stats["batches"] >= 1 and gen_stats["requests"] >= gen_stats["batches"]
     ret_stats = info["batching"]["retriever_replica"]
     assert ret_stats["batches"] >= 1 and ret_stats["requests"] >= ret_stats["batches"]
+    import ray                                               # where each replica runs and what it holds, no paths
+    for stats in (gen_stats, ret_stats):
+        assert stats["node_id"] == ray.nodes()[0]["NodeID"] and stats["replica"]
+        assert f"{h['model_version']}@v1" in stats["versions"] and "/" not in "".join(stats["versions"])
     spec = requests.get(f"{served}/openapi.json", timeout=10).json()
     paths, schemas = spec["paths"], spec["components"]["schemas"]
     assert {"/v1/answer", "/v1/answer/stream", "/v1/retrieve", "/healthz", "/v1/info", "/v1/admin/reload"} <= set(paths)
