@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import subprocess
@@ -282,14 +283,18 @@ def _fits_memory(n: int, d: int, hnsw: bool) -> tuple[bool, str]:
 def run_sizes(x_real: np.ndarray, sizes: list[int], hnsw_sizes: list[int], queries: int, batch: int,
               results: dict, out: Path, ivfpq_params: dict | None = None) -> None:
     """Measure every size (ascending), saving the JSON after each; frees the vectors between sizes. A size that
-    would not fit in free memory stops the run there, recorded under results["stopped"]."""
+    would not fit in free memory stops the run there, recorded under results["stopped"]. Index kinds that
+    results["sizes"] already holds for a size (a resumed run) are not measured again."""
     import faiss
 
     faiss.omp_set_num_threads(1)
     _, q, _ = index_vectors(len(x_real), queries, "real-mix", x_real, seed=10_000)
     d = x_real.shape[1]
+    done = {r["vectors"]: r for r in results["sizes"]}
     for n in sorted(set(sizes) | set(hnsw_sizes)):
-        kinds = ["ivfpq"] + (["hnsw"] if n in hnsw_sizes else [])
+        kinds = [k for k in ["ivfpq"] + (["hnsw"] if n in hnsw_sizes else []) if k not in done.get(n, {})]
+        if not kinds:
+            continue
         ok, why = _fits_memory(n, d, "hnsw" in kinds)
         if not ok:
             results["stopped"] = f"stopped before {n} vectors: {why}"
@@ -302,9 +307,10 @@ def run_sizes(x_real: np.ndarray, sizes: list[int], hnsw_sizes: list[int], queri
         t0 = _clocks()
         truth = exact_top10(x, q)
         t1 = _clocks()
-        row = {"vectors": n, "make_vectors_seconds": round(made, 1), "loadavg_before": list(os.getloadavg()),
-               "exact_search_ms_per_query": round(1000 * (t1[0] - t0[0]) / len(q), 3),
-               "exact_search_cpu_ms_per_query": round(1000 * (t1[1] - t0[1]) / len(q), 3)}
+        row = done.get(n) or {"vectors": n}
+        row.update({"make_vectors_seconds": round(made, 1), "loadavg_before": list(os.getloadavg()),
+                    "exact_search_ms_per_query": round(1000 * (t1[0] - t0[0]) / len(q), 3),
+                    "exact_search_cpu_ms_per_query": round(1000 * (t1[1] - t0[1]) / len(q), 3)})
         for kind in kinds:
             _say(f"{n} vectors: {kind} build ({why})")
             if kind == "ivfpq":
@@ -317,7 +323,9 @@ def run_sizes(x_real: np.ndarray, sizes: list[int], hnsw_sizes: list[int], queri
                  f"{r['search_cpu_ms_per_query']} CPU ms/query, "
                  f"recall@10 {r['recall@10']}")
         row["loadavg_after"] = list(os.getloadavg())
-        results["sizes"].append(row)
+        if n not in done:
+            results["sizes"].append(row)
+        results["sizes"].sort(key=lambda r: r["vectors"])
         del x, truth
         gc.collect()
         _save(results, out)
@@ -387,7 +395,7 @@ def plan(results: dict, gpu_results: str, dim: int = 384) -> dict:
             if "search_cpu_ms_per_query" in fit else None,
             "encode_hours_one_gpu": encode,
             "refresh": [row for row in refresh["table"] if row["passages"] == n]}
-    return {"node_usable_share": NODE_USABLE, "gpu_rates": rates, "max_share_of_training":
+    return {"node_usable_share": NODE_USABLE, "gpu_rates": rates, "ivfpq_m": p["m"], "dim": dim, "max_share_of_training":
             refresh["max_share_of_training"], "corpora": corpora,
             "assumptions": "IVF-PQ at the project's defaults (nlist 4*sqrt(N), m 48, nbits 8, train_size 100,000); "
                            "bytes and build time from the power-law fits of the measured sizes; a refresh's cost is "
@@ -401,6 +409,79 @@ def plan(results: dict, gpu_results: str, dim: int = 384) -> dict:
 
 def _gib(b: float) -> str:
     return f"{b / 2 ** 30:.3g}"
+
+
+def _h(hours: float) -> str:
+    return f"{hours * 60:.3g} min" if hours < 1 else f"{hours:.3g} h"
+
+
+def markdown(r: dict) -> str:
+    """The README's tables (measured sizes, then the plan), made from the JSON alone."""
+    lines = ["| vectors | IVF-PQ build, CPU s (train + add) | build peak RSS above the vectors | IVF-PQ bytes | "
+             "CPU ms/query, nprobe 16 + 4x re-scoring | recall@10 at nprobe 16 / 32 / 64 / 128 (4x re-scoring; "
+             "nprobe 16 without) | HNSW build, CPU s | HNSW bytes | HNSW recall@10 (efSearch 64) |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for row in r["sizes"]:
+        i, h = row.get("ivfpq"), row.get("hnsw")
+        rec = " / ".join(str(s["recall@10"]) for s in i["sweep"] if s["refine_factor"] == 4)
+        raw = next(s["recall@10"] for s in i["sweep"] if s["refine_factor"] == 1 and s["nprobe"] == 16)
+        lines.append(f"| {row['vectors']:,} | {i['build_cpu_seconds']:.4g} ({i['train_cpu_seconds']:.4g} + "
+                     f"{i['add_cpu_seconds']:.4g}) | {i['build_peak_rss_increase_mb']:.0f} MB | "
+                     f"{i['index_bytes'] / 2 ** 20:.1f} MiB | {i['search_cpu_ms_per_query']:.3g} | {rec} ({raw}) | "
+                     + (f"{h['build_cpu_seconds']:.4g} | {h['index_bytes'] / 2 ** 20:.0f} MiB | {h['recall@10']} |"
+                        if h else "- | - | - |"))
+    fits_line = "; ".join(f"{kind} {key.replace('_cpu', '')} N^{f['b']:.2f}" for kind, fs in r["fits"].items()
+                          for key, f in fs.items() if key != "miss_rate@10")
+    lines += ["", f"Fits y = a N^b over the measured sizes: {fits_line}.", ""]
+    if "plan" not in r:
+        return "\n".join(lines)
+    pl = r["plan"]
+    cs = pl["corpora"]
+    names = list(cs)
+    fp32 = next(k for k in pl["gpu_rates"] if k.endswith("fp32"))
+    fp16 = next((k for k in pl["gpu_rates"] if k.endswith("fp16")), None)
+
+    def row(label: str, f) -> str:
+        return f"| {label} | " + " | ".join(f(cs[n]) for n in names) + " |"
+
+    def per_shard(c, s, key):
+        return next(x for x in c["shards"] if x["shards"] == s)[key]
+
+    lines += ["| IVF-PQ, project defaults | " + " | ".join(f"{n} passages" for n in names) + " |",
+              "|---|" + "---:|" * len(names),
+              row(f"nlist (4 sqrt N); m {pl['ivfpq_m']}, nbits 8", lambda c: f"{c['nlist_default']:,}"),
+              row(f"IVF-PQ index (fit; arithmetic N x {pl['ivfpq_m'] + 8} B + centroids)",
+                  lambda c: f"{_gib(c['ivfpq_bytes_fit'])} GiB ({_gib(c['ivfpq_bytes_arithmetic'])})"),
+              row("vectors the 4x re-scoring reads (float32 / float16)",
+                  lambda c: f"{_gib(c['float32_vectors_bytes'])} / {_gib(c['float16_vectors_bytes'])} GiB")]
+    for s in PLAN_SHARDS[1:]:
+        lines.append(row(f"per shard, {s} shards: PQ only / with float16 / float32 vectors", lambda c, s=s: " / ".join(
+            _gib(per_shard(c, s, "bytes_per_shard")[k]) for k in ("pq_only", "pq_and_float16_vectors",
+                                                                  "pq_and_float32_vectors")) + " GiB"))
+    for s in PLAN_SHARDS[1:]:
+        lines.append(row(f"shards of {s} per 64 / 128 / 256 GiB node, with float32 vectors ({NODE_USABLE:.0%} "
+                         "of the node)", lambda c, s=s: " / ".join(
+                             str(v["pq_and_float32_vectors"]) for v in per_shard(c, s, "shards_per_node").values())))
+    lines += [row("nodes of 64 / 128 / 256 GiB for the whole index with float32 vectors",
+                  lambda c: " / ".join(str(v["pq_and_float32_vectors"]) for v in c["min_nodes"].values())),
+              row("IVF-PQ build, one core (train + add)", lambda c: f"{_h(c['build_core_hours']['build'])} "
+                  f"({_h(c['build_core_hours']['train'])} + {_h(c['build_core_hours']['add'])})"),
+              row("search, one core, nprobe 16 + 4x re-scoring (fit)", lambda c: f"{c['search_cpu_ms_per_query']:.3g} ms"),
+              row(f"encode on one H200, fp32 ({pl['gpu_rates'][fp32]['passages_per_s']:,.0f} passages/s per actor)",
+                  lambda c: _h(c["encode_hours_one_gpu"][fp32]))]
+    if fp16:
+        lines.append(row(f"encode on one H200, fp16 ({pl['gpu_rates'][fp16]['passages_per_s']:,.0f}/s)",
+                         lambda c: _h(c["encode_hours_one_gpu"][fp16])))
+
+    def refresh(c, what):
+        rows = [x for x in c["refresh"] if x["rate"] == fp32]
+        return " / ".join(_h(x["refresh_minutes"] / 60) if what == "cost" else
+                          _h(x["min_training_hours_between_refreshes"]) for x in rows)
+
+    lines += [row("one refresh (full re-encode, fp32) on 1 / 8 / 64 H200", lambda c: refresh(c, "cost")),
+              row(f"training between refreshes for refresh <= {pl['max_share_of_training']:.0%} (1 / 8 / 64)",
+                  lambda c: refresh(c, "every"))]
+    return "\n".join(lines)
 
 
 def table(r: dict) -> str:
@@ -513,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", default=tempfile.gettempdir(), help="where a missing real index is built")
     ap.add_argument("--out", default="benchmarks/results/scale/scale_bench.json")
     ap.add_argument("--plot", default=None, help="plot path (default: next to --out, .png)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the sizes --out already holds (same --queries and real vectors), measure the rest, "
+                         "then fit and plan again (with nothing left to measure: only the fits and the plan)")
     args = ap.parse_args(argv)
     if not Path(args.gpu_results).is_file():
         ap.error(f"--gpu-results {args.gpu_results}: no such file")
@@ -531,6 +615,15 @@ def main(argv: list[str] | None = None) -> int:
                "real_vectors": len(real), "dim": int(real.shape[1]), "queries": args.queries,
                "search_batch": args.search_batch, "faiss_threads": 1, "cpu_count": os.cpu_count(),
                "machine_load_at_start": [round(v, 2) for v in os.getloadavg()], "sizes": []}
+    if args.resume and out.is_file():
+        before = json.loads(out.read_text())
+        same = {k: before.get(k) for k in ("vectors_are", "queries", "search_batch")} == {
+            k: results[k] for k in ("vectors_are", "queries", "search_batch")}
+        if not same:
+            ap.error(f"--resume: {out} was measured with other vectors, --queries or --search-batch")
+        results["sizes"] = before["sizes"]
+        results["command"] = before["command"] + " ; then " + results["command"]
+        results["machine_load_at_start"] = before["machine_load_at_start"]
     run_sizes(real, args.sizes, args.hnsw_sizes, args.queries, args.search_batch, results, out, params)
     results["fits"] = fits(results["sizes"])
     if "ivfpq" in results["fits"]:
@@ -542,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     results["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     results["complete"] = "stopped" not in results
     _save(results, out)
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
     print(table(results))
     print(f"results -> {out}")
     return 0

@@ -69,3 +69,13 @@ def test_tiny_run_writes_what_the_plan_table_needs(tmp_path):
     row = next(x for x in c["refresh"] if x["rate"] == "NVIDIA H200 fp32" and x["devices"] == 8)
     assert row["min_training_hours_between_refreshes"] == pytest.approx(row["refresh_minutes"] * 19 / 60, abs=0.01)
     assert c["build_core_hours"]["build"] > 0 and out.with_suffix(".png").is_file()
+    md = out.with_suffix(".md").read_text()
+    assert "| 12,000 |" in md and "21M passages" in md and "4,254 passages/s" in md
+
+    # --resume keeps what the JSON holds and measures only what is missing (HNSW at 24k here)
+    assert main(["--sizes", "12000,24000", "--hnsw-sizes", "12000,24000", "--queries", "50", "--search-batch", "25",
+                 "--real-from", str(tmp_path / "real"), "--out", str(out), "--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert [s["vectors"] for s in again["sizes"]] == [12000, 24000] and "hnsw" in again["sizes"][1]
+    assert again["sizes"][1]["ivfpq"] == r["sizes"][1]["ivfpq"] and again["sizes"][0] == r["sizes"][0]
+    assert again["fits"]["hnsw"]["index_bytes"]["points"] == 2
