@@ -363,6 +363,7 @@ def plan(results: dict, gpu_results: str, dim: int = 384) -> dict:
     from pipeline.index import resolve_params
 
     fit = results["fits"].get("ivfpq", {})
+    hf = results["fits"].get("hnsw", {})
     rows = [r for r in results["sizes"] if "ivfpq" in r]
     p = rows[-1]["ivfpq"]["params"] if rows else {"m": 48}
     rates = _refresh_rates({}, [gpu_results])
@@ -386,11 +387,21 @@ def plan(results: dict, gpu_results: str, dim: int = 384) -> dict:
         build = {k.replace("_cpu_seconds", ""): float(f"{predict(fit[k], n) / 3600:.4g}")
                  for k in ("train_cpu_seconds", "add_cpu_seconds", "build_cpu_seconds") if k in fit}
         encode = {rate: round(n / r["passages_per_s"] / 3600, 2) for rate, r in rates.items()}
+        # k-means wants >= 39 points per list (FAISS warns below); the default 100,000 gives 21M's 18,330 lists 5.5
+        # each. Its cost is (sample x nlist) distance products, so scale the largest measured training by that.
+        wanted = 39 * nlist
+        if rows:
+            last = rows[-1]["ivfpq"]
+            per_unit = last["train_cpu_seconds"] / (min(last["params"]["train_size"], rows[-1]["vectors"])
+                                                   * last["params"]["nlist"])
+            build["train_at_39_per_list"] = float(f"{per_unit * wanted * nlist / 3600:.4g}")
         corpora[name] = {
             "passages": n, "nlist_default": nlist,
             "ivfpq_bytes_fit": int(pq_bytes) if pq_bytes else None, "ivfpq_bytes_arithmetic": int(arithmetic),
             "float32_vectors_bytes": vec32, "float16_vectors_bytes": vec16, "shards": shards, "min_nodes": nodes,
-            "build_core_hours": build,
+            "build_core_hours": build, "train_size_for_39_per_list": wanted,
+            "hnsw_fit": {k: float(f"{predict(hf[k], n):.4g}") for k in ("index_bytes", "build_cpu_seconds")
+                         if k in hf},
             "search_cpu_ms_per_query": float(f"{predict(fit['search_cpu_ms_per_query'], n):.4g}")
             if "search_cpu_ms_per_query" in fit else None,
             "encode_hours_one_gpu": encode,
@@ -466,6 +477,12 @@ def markdown(r: dict) -> str:
                   lambda c: " / ".join(str(v["pq_and_float32_vectors"]) for v in c["min_nodes"].values())),
               row("IVF-PQ build, one core (train + add)", lambda c: f"{_h(c['build_core_hours']['build'])} "
                   f"({_h(c['build_core_hours']['train'])} + {_h(c['build_core_hours']['add'])})"),
+              row("IVF-PQ training, one core, on 39 points per list instead (k-means cost x sample x nlist)",
+                  lambda c: f"{_h(c['build_core_hours']['train_at_39_per_list'])} on "
+                            f"{c['train_size_for_39_per_list'] / 1e6:.3g}M"),
+              row("HNSW instead (M 32; fits): bytes, build on one core", lambda c: (
+                  f"{_gib(c['hnsw_fit']['index_bytes'])} GiB, {_h(c['hnsw_fit']['build_cpu_seconds'] / 3600)}"
+                  if len(c["hnsw_fit"]) == 2 else "not measured")),
               row("search, one core, nprobe 16 + 4x re-scoring (fit)", lambda c: f"{c['search_cpu_ms_per_query']:.3g} ms"),
               row(f"encode on one H200, fp32 ({pl['gpu_rates'][fp32]['passages_per_s']:,.0f} passages/s per actor)",
                   lambda c: _h(c["encode_hours_one_gpu"][fp32]))]
