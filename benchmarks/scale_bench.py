@@ -332,10 +332,15 @@ def run_sizes(x_real: np.ndarray, sizes: list[int], hnsw_sizes: list[int], queri
 
 
 def fits(sizes: list[dict]) -> dict:
-    """Per kind and figure, the power-law fit over the measured sizes and its value at 21M and 100M."""
+    """Per kind and figure, the power-law fit over the measured sizes and its value at 21M and 100M. IVF-PQ is fitted
+    over the sizes above its training sample when there are 2 or more (there k-means runs on train_size vectors, as
+    it will at 21M and 100M; below, on all N of them: another curve)."""
     out = {}
     for kind in ("ivfpq", "hnsw"):
         rows = [r for r in sizes if kind in r]
+        if kind == "ivfpq":
+            above = [r for r in rows if r["vectors"] > r[kind]["params"]["train_size"]]
+            rows = above if len(above) >= 2 else rows
         if len(rows) < 2:
             continue
         out[kind] = {}
@@ -384,8 +389,11 @@ def plan(results: dict, gpu_results: str, dim: int = 384) -> dict:
         nodes = {f"{g} GiB": {k: math.ceil(v / (NODE_USABLE * g * 2 ** 30)) for k, v in
                               (("pq_only", pq_bytes or arithmetic), ("pq_and_float16_vectors", (pq_bytes or arithmetic) + vec16),
                                ("pq_and_float32_vectors", (pq_bytes or arithmetic) + vec32))} for g in NODE_GIB}
+        # the build is train + add, two power laws: sum their fits (one fit of the sum bends at the wrong place)
         build = {k.replace("_cpu_seconds", ""): float(f"{predict(fit[k], n) / 3600:.4g}")
-                 for k in ("train_cpu_seconds", "add_cpu_seconds", "build_cpu_seconds") if k in fit}
+                 for k in ("train_cpu_seconds", "add_cpu_seconds") if k in fit}
+        if len(build) == 2:
+            build["build"] = float(f"{build['train'] + build['add']:.4g}")
         encode = {rate: round(n / r["passages_per_s"] / 3600, 2) for rate, r in rates.items()}
         # k-means wants >= 39 points per list (FAISS warns below); the default 100,000 gives 21M's 18,330 lists 5.5
         # each. Its cost is (sample x nlist) distance products, so scale the largest measured training by that.
