@@ -48,7 +48,9 @@ PLAN_CORPORA = {"21M": 21_000_000, "100M": 100_000_000}
 PLAN_SHARDS = (1, 8, 32)
 NODE_GIB = (64, 128, 256)
 NODE_USABLE = 0.75          # of a node's memory for index shards: the rest for the OS, Ray's object store, encoders
-IVFPQ_SWEEP = [{"nprobe": n, "refine_factor": r} for r in (1, 4) for n in (16, 32, 64, 128)]
+# nprobe with and without the default 4x re-scoring, and a deeper re-scoring (search-time only: no rebuild)
+IVFPQ_SWEEP = ([{"nprobe": n, "refine_factor": r} for r in (1, 4) for n in (16, 32, 64, 128)]
+               + [{"nprobe": n, "refine_factor": 16} for n in (16, 64)])
 HNSW_SWEEP = [{"efSearch": ef} for ef in (32, 64, 128)]
 DEFAULTS = {"ivfpq": {"nprobe": 16, "refine_factor": 4}, "hnsw": {"efSearch": 64}}   # the project's defaults
 # fitted figures: CPU seconds of this (the only FAISS) thread, not wall seconds, so that other users of the
