@@ -58,8 +58,9 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_no_example(ray_local, t
     while killed_pid is None and thread.is_alive() and time.time() < deadline:
         recs = _records(victim)
         steps = [r["step"] for r in recs if "step" in r and "event" not in r]
-        checkpoints = list((out / "ray_results").glob("*/checkpoint_*"))
-        # a checkpoint is on storage and the worker is past it: kill it mid-run
+        # a checkpoint is registered (Ray Train writes its snapshot after registering one; a checkpoint_* directory
+        # alone may still be uploading) and the worker is past it: kill it mid-run
+        checkpoints = list((out / "ray_results").glob("*/checkpoint_manager_snapshot.json"))
         if checkpoints and steps and max(steps) >= CKPT_EVERY + 1:
             killed_pid = next(r["pid"] for r in recs if r.get("event") == "start")
             os.kill(killed_pid, signal.SIGKILL)
