@@ -49,42 +49,8 @@ def _examples(kb) -> list[tuple[str, str, str]]:
     return [(q["question"], text[q["gold_passage_ids"][0]], q["answers"][0]) for q in kb.questions]
 
 
-def greedy_em(gen, rows: list[tuple[str, str, str]], batch_size: int = 64) -> float:
-    """Exact match of greedy decoding given the gold passage."""
-    import torch
-
-    from pipeline.decoding import beam_search
-    from pipeline.metrics import exact_match
-
-    gen.eval()
-    hits = 0.0
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            state = gen.start_decoding(gen.encode_inputs([q for q, _, _ in chunk], [p for _, p, _ in chunk]))
-            beams = beam_search(lambda prefix, state=state: gen.decode_step(state, prefix), len(chunk), gen.start_token_id,
-                                gen.eos_token_id, gen.tokenizer.pad_token_id, 1, gen.max_target_length)
-            hits += sum(exact_match(gen.decode(b[0][0]), a) for b, (_, _, a) in zip(beams, chunk))
-    gen.train()
-    return hits / max(1, len(rows))
-
-
-def save_reader(gen, out: Path) -> None:
-    """float16 weights (tied embeddings once) and the architecture; the tokenizer is the package's MiniLM one."""
-    import torch
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(gen.unique_state(torch.float16), str(tmp))
-    os.chmod(tmp, 0o644)                              # safetensors writes 0600; the package ships it readable
-    os.replace(tmp, out / "model.safetensors")
-    hparams = {**gen.hparams, "output_token_ids": None, "tokenizer": gen.tokenizer_name}
-    (out / "generator.json").write_text(json.dumps({"kind": "copy-bart", **hparams}, indent=2) + "\n")
-
-
-def _reading_scores(gen, rows: list[tuple[str, str, str]], batch_size: int = 32) -> dict:
-    """Greedy EM and F1 of (question, passage, answer) rows."""
+def reading_scores(gen, rows: list[tuple[str, str, str]], batch_size: int = 64) -> dict:
+    """Greedy decoding of (question, passage, answer) rows given the passage: EM and F1 (None without rows), n."""
     import torch
 
     from pipeline.decoding import beam_search
@@ -106,7 +72,26 @@ def _reading_scores(gen, rows: list[tuple[str, str, str]], batch_size: int = 32)
                 em += exact_match(text, a)
                 f1 += f1_score(text, a)
     gen.train()
-    return {"em": round(em / len(rows), 4), "f1": round(f1 / len(rows), 4), "n": len(rows)}
+    return {"em": em / len(rows), "f1": f1 / len(rows), "n": len(rows)}
+
+
+def greedy_em(gen, rows: list[tuple[str, str, str]], batch_size: int = 64) -> float:
+    """Exact match of greedy decoding given the gold passage."""
+    return reading_scores(gen, rows, batch_size)["em"] or 0.0
+
+
+def save_reader(gen, out: Path) -> None:
+    """float16 weights (tied embeddings once) and the architecture; the tokenizer is the package's MiniLM one."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_file(gen.unique_state(torch.float16), str(tmp))
+    os.chmod(tmp, 0o644)                              # safetensors writes 0600; the package ships it readable
+    os.replace(tmp, out / "model.safetensors")
+    hparams = {**gen.hparams, "output_token_ids": None, "tokenizer": gen.tokenizer_name}
+    (out / "generator.json").write_text(json.dumps({"kind": "copy-bart", **hparams}, indent=2) + "\n")
 
 
 def _train_on_cloze(config: dict) -> None:
@@ -149,7 +134,8 @@ def _train_on_cloze(config: dict) -> None:
                 print(f"[pretrain-reader] step {step}/{steps}  loss {loss.item():.3f}  "
                       f"({time.time() - start:.0f} s)", flush=True)
             if step % config["eval_every"] == 0 or last:
-                scores = {name: _reading_scores(gen, rows) for name, rows in held.items()}
+                scores = {name: {k: round(v, 4) if isinstance(v, float) else v
+                                 for k, v in reading_scores(gen, rows, 32).items()} for name, rows in held.items()}
                 history.append({"step": step, "loss": round(loss.item(), 4), **scores,
                                 "seconds": round(time.time() - start, 1)})
                 print(f"[pretrain-reader] step {step}: " + "  ".join(
