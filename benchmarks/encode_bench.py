@@ -6,7 +6,7 @@
    a) sentence-transformers (`SentenceTransformer.encode`, which sorts the whole corpus by length; torch threads =
       cores; max_seq_length 128) + the same FAISS flat version `latentrag index` writes;
    b) `python -m jobs.index` = `latentrag index` with its defaults: Ray start, the Ray Data encode (read +
-      tokenize tasks -> one encoder actor), FAISS flat, the version written.
+      tokenize tasks -> encoder actors: on CPU one one-thread actor per core), FAISS flat, the version written.
    encode_ratio: passages/s of (b)'s encode (from the call to the last shard: actor start-up and model load in
    the actor included, Ray's own start not) over (a)'s (imports + model load + encode). whole_ratio: (a)'s
    process seconds over (b)'s. Also the min cosine between the two sides' vectors, the Ray encode's where-the-
@@ -416,7 +416,7 @@ def bench_refresh(passages: Path, work: Path, steps: int, cores: int, refresh_th
 
     torch.set_num_threads(cores)
     root = work / "refresh-index"
-    v1 = build_index(passages, root, threads_per_actor=cores)
+    v1 = build_index(passages, root, num_actors=1, threads_per_actor=cores, cpus_per_actor=1)
     enc = TextEncoder("minilm", max_length=64)
     opt = torch.optim.AdamW(enc.parameters(), lr=1e-5)
     questions = [f"Which guild founded the {WORDS[i % len(WORDS)]} number {i}?" for i in range(16)]

@@ -55,6 +55,15 @@ _TOK_COL = "__tokenize_s"               # seconds the tokenize stage spent per r
 # rows of 128 tokens were before (not tuned yet: benchmarks/encode_gpu_check.py measures it)
 DEFAULT_ENCODE_TOKENS = {"cpu": 2048, "cuda": 32768}
 DEFAULT_ENCODE_BATCH_SIZE = 256         # and at most this many rows
+# CPU actor pool when none is asked: one one-thread actor per logical CPU (two one-thread processes ran MiniLM 1.08x
+# faster than one two-thread process on this 2-core machine: small matmuls split badly across threads), at most
+# this many actors (each holds a model: ~0.9 GB RSS for MiniLM); past that, more threads per actor
+MAX_AUTO_CPU_ACTORS = 8
+# blocks per actor at least, when the corpus is small for `block_mb`, so the pool's tail (one actor still on its
+# queued blocks while the others idle) stays short. 20k passages, 2 CPU actors: 8 left them idle 23% of the encode,
+# 16 6% (start-up included); 32 (one block in flight) ran 8% more actor-seconds (shorter sort windows)
+MIN_BLOCKS_PER_ACTOR = 16
+MIN_AUTO_BLOCK_MB = 0.1                 # but not below ~200 passages a block: per-block overheads, shorter sort windows
 _READ_RETRIES = 3                       # a read task (one row group) is retried this often
 MIN_LOW_PRECISION_COSINE = 0.999        # bfloat16/float16 vectors must stay this close to float32's
 _batch_numbers = itertools.count()      # per process: tokenize windows, so batch numbers never repeat in a block
@@ -230,10 +239,28 @@ class _ActorStats:
                 a["busy_s"] = max(a["busy_s"], busy)
 
 
+def actor_plan(cluster_cpus: float, gpus_per_actor: float = 0, num_actors: int | None = None,
+               threads_per_actor: int | None = None, cpus_per_actor: float | None = None,
+               read_cpus: float | None = None) -> tuple[int, int, float]:
+    """(num_actors, threads_per_actor, cpus_per_actor) with every None filled in. GPU actors: 1 actor, 2 threads,
+    1 CPU. CPU actors: one per logical CPU up to MAX_AUTO_CPU_ACTORS, the CPUs shared out as torch threads, each
+    reserving an equal share of what is left after one tokenize task (`read_cpus`, default 1), so the tokenizer
+    still runs; 2 CPUs give 2 one-thread actors reserving 0.5 CPU each."""
+    if gpus_per_actor:
+        return num_actors or 1, threads_per_actor or 2, 1.0 if cpus_per_actor is None else cpus_per_actor
+    cpus = max(1, int(cluster_cpus))
+    actors = num_actors or min(cpus, MAX_AUTO_CPU_ACTORS)
+    threads = threads_per_actor or max(1, cpus // actors)
+    if cpus_per_actor is None:
+        left = cluster_cpus - (1 if read_cpus is None else read_cpus)
+        cpus_per_actor = max(0.01, int(100 * left / actors) / 100)
+    return actors, threads, cpus_per_actor
+
+
 def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike, encoder: str | None = "minilm",
-                    batch_size: int = 2048, num_actors: int = 1, threads_per_actor: int = 2,
+                    batch_size: int = 2048, num_actors: int | None = None, threads_per_actor: int | None = None,
                     dtype: str = "float32", encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE,
-                    cpus_per_actor: float = 1, gpus_per_actor: float = 0, overwrite: bool = False,
+                    cpus_per_actor: float | None = None, gpus_per_actor: float = 0, overwrite: bool = False,
                     resume: bool = True, on_shard_done: Callable[[Path], None] | None = None,
                     read_cpus: float | None = None, block_mb: float = 1.0,
                     encode_tokens: int | None = None, compute_dtype: str = "float32",
@@ -245,14 +272,15 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     allow), `batch_size` rows at a time sorted by token count and cut into forward-pass batches of at most
     `encode_tokens` padded tokens (None: DEFAULT_ENCODE_TOKENS for the actors' device) and `encode_batch_size`
     rows; the encoder actors then only run the model on those
-    batches (the longer the sort window, the less each forward pass pads). `cpus_per_actor` is the logical CPU
-    reservation of each actor (keep it below the cluster's CPUs so the tokenize tasks can still run),
-    `threads_per_actor` torch's threads in it, `gpus_per_actor` > 0 puts the actors on GPUs, where
+    batches (the longer the sort window, the less each forward pass pads). `num_actors`, `cpus_per_actor` (the
+    logical CPU reservation of each actor: keep room for the tokenize tasks) and `threads_per_actor` (torch's
+    threads in it): None takes `actor_plan`'s (on CPU, one one-thread actor per logical CPU), `gpus_per_actor` > 0 puts the actors on GPUs, where
     `compute_dtype` bfloat16/float16 and `compile` (torch.compile) may be asked (refused on CPU actors).
     There is no listing task: the driver reads the Parquet footers. `block_mb` is the largest block Ray Data makes
     (its `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks and one
     output block, so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes, and
-    output streams to disk block by block. An `out_dir` left by an interrupted encode with the same encoder, dtype,
+    output streams to disk block by block; a corpus too small to give every actor MIN_BLOCKS_PER_ACTOR blocks of
+    that size gets smaller blocks, so the actors finish together. An `out_dir` left by an interrupted encode with the same encoder, dtype,
     compute_dtype and passages is resumed (`resume`): finished shards are kept and skipped. Returns stats: count,
     dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, and where the time went:
     actor_ready_after_seconds (actor start-up + model load), actor_busy_seconds (inside the encoder),
@@ -266,7 +294,7 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     for key, value in (("batch_size", batch_size), ("num_actors", num_actors),
                        ("threads_per_actor", threads_per_actor), ("encode_batch_size", encode_batch_size),
                        ("encode_tokens", encode_tokens)):
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
     check_compute_settings(compute_dtype, compile, "cuda" if gpus_per_actor else "cpu")
     # absolute: read tasks run on other nodes, whose working directory is their own copy of the job's working_dir
@@ -296,12 +324,17 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
         ensure_ray()
         total = ray.cluster_resources().get("CPU", 0)
+        num_actors, threads_per_actor, cpus_per_actor = actor_plan(total, gpus_per_actor, num_actors,
+                                                                   threads_per_actor, cpus_per_actor, read_cpus)
         need = num_actors * cpus_per_actor + (1 if read_cpus is None else read_cpus)
         if need > total:
             raise ValueError(f"{num_actors} encoder actor(s) x cpus_per_actor={cpus_per_actor} plus a read task need "
                              f"{need:g} logical CPUs, the cluster has {total:g}: the job would wait forever. Lower "
                              f"cpus_per_actor (an actor still runs threads_per_actor={threads_per_actor} threads) or "
                              f"num_actors")
+        corpus_mb = sum(footers[f].row_group(i).total_byte_size
+                        for f in todo for i in range(footers[f].num_row_groups)) / 2**20
+        block_mb = min(block_mb, max(MIN_AUTO_BLOCK_MB, corpus_mb / (MIN_BLOCKS_PER_ACTOR * num_actors)))
         ctx = ray.data.DataContext.get_current()
         saved_block_size = ctx.target_max_block_size
         ctx.target_max_block_size = int(block_mb * 1024 * 1024)   # captured by the dataset created below
@@ -433,6 +466,18 @@ def _passage_columns(first_file: str) -> list[str]:
     return [c for c in ("id", "title", "text") if c in names]
 
 
+def add_actor_flags(p: argparse.ArgumentParser) -> None:
+    """--num-actors, --threads-per-actor, --cpus-per-actor (`latentrag encode` and `latentrag index`)."""
+    auto = (f"on CPU one per logical CPU of the cluster, at most {MAX_AUTO_CPU_ACTORS}; on GPU 1")
+    p.add_argument("--num-actors", type=int, default=None, help=f"encoder actors in the Ray Data pool (default: {auto})")
+    p.add_argument("--threads-per-actor", type=int, default=None,
+                   help="torch threads in each actor (default: on CPU the CPUs per actor, 1 up to "
+                        f"{MAX_AUTO_CPU_ACTORS} CPUs; on GPU 2); tokenization runs in tasks of its own")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="logical CPUs Ray reserves per actor (default: on CPU an equal share of the CPUs left after "
+                        "one tokenize task, 0.5 on 2 CPUs; on GPU 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentrag encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -449,11 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_ENCODE_TOKENS['cpu']} on CPU actors, {DEFAULT_ENCODE_TOKENS['cuda']} on GPU ones)")
     p.add_argument("--encode-batch-size", type=int, default=DEFAULT_ENCODE_BATCH_SIZE,
                    help=f"at most this many passages per forward pass (default {DEFAULT_ENCODE_BATCH_SIZE})")
-    p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
-    p.add_argument("--threads-per-actor", type=int, default=2,
-                   help="torch threads in each actor (default 2); tokenization runs in tasks of its own")
-    p.add_argument("--cpus-per-actor", type=float, default=1,
-                   help="logical CPUs Ray reserves per actor; leave room for read tasks (default 1)")
+    add_actor_flags(p)
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: CPU actors, the default)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the shards (default float32)")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
@@ -487,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    started = not ray.is_initialized()
+    from jobs.ray_env import ensure_ray
+
+    started = ensure_ray(dashboard=False)
     try:
         stats = encode_passages(args.passages, args.out, encoder=args.encoder, batch_size=args.batch_size,
                                 num_actors=args.num_actors, threads_per_actor=args.threads_per_actor,

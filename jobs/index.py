@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from jobs.encode import (DEFAULT_ENCODE_BATCH_SIZE, DEFAULT_ENCODE_TOKENS, check_compute_settings,
+from jobs.encode import (DEFAULT_ENCODE_BATCH_SIZE, DEFAULT_ENCODE_TOKENS, add_actor_flags, check_compute_settings,
                          encode_passages)
 from jobs.ray_env import ensure_ray
 from pipeline.embeddings import corpus_fingerprint, gather_checked, passage_files
@@ -34,9 +34,10 @@ from pipeline.token_batches import COMPUTE_DTYPES
 
 
 def build_index(passages_dir: str | os.PathLike, index_root: str | os.PathLike, encoder: str | None = "minilm",
-                index_type: str = "flat", num_actors: int = 1, batch_size: int = 2048,
-                threads_per_actor: int = 2,
-                encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE, cpus_per_actor: float = 1, verify: bool = False,
+                index_type: str = "flat", num_actors: int | None = None, batch_size: int = 2048,
+                threads_per_actor: int | None = None,
+                encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE, cpus_per_actor: float | None = None,
+                verify: bool = False,
                 gpus_per_actor: float = 0, build_parallel: bool = True, build_cpus: float = 1,
                 encoder_name: str | None = None, extra: dict | None = None, make_current: bool = True,
                 dtype: str = "float32", read_cpus: float | None = None, parallel_min_vectors: int = 20_000,
@@ -164,15 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE",
                    help="index parameter, repeatable: hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, "
                         "nprobe, refine_factor, train_size")
-    p.add_argument("--num-actors", type=int, default=1, help="encoder actors in the Ray Data pool (default 1)")
     p.add_argument("--batch-size", type=int, default=2048, help="passages per map_batches call (default 2048)")
     p.add_argument("--encode-tokens", type=int, default=None,
                    help=f"padded tokens per forward pass (default {DEFAULT_ENCODE_TOKENS['cpu']} on CPU actors, "
                         f"{DEFAULT_ENCODE_TOKENS['cuda']} on GPU ones)")
     p.add_argument("--encode-batch-size", type=int, default=DEFAULT_ENCODE_BATCH_SIZE,
                    help=f"at most this many passages per forward pass (default {DEFAULT_ENCODE_BATCH_SIZE})")
-    p.add_argument("--threads-per-actor", type=int, default=2, help="torch threads in each encoder actor (default 2)")
-    p.add_argument("--cpus-per-actor", type=float, default=1, help="logical CPUs Ray reserves per actor (default 1)")
+    add_actor_flags(p)
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per encoder actor (default 0: CPU)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of the intermediate embedding shards (the index holds float32)")
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    started = ensure_ray()
+    started = ensure_ray(dashboard=False)
     try:
         version_dir = build_index(args.passages, args.out, encoder=args.encoder, index_type=args.index_type,
                                   num_actors=args.num_actors, batch_size=args.batch_size,

@@ -30,12 +30,14 @@ def inside_job_package(path: str | os.PathLike) -> bool:
     return "working_dir_files" in cwd.split(os.sep) and os.path.abspath(path).startswith(cwd + os.sep)
 
 
-def ensure_ray(extra_env: dict | None = None) -> bool:
-    """Join (or start) Ray unless this process already has; True when this call did."""
+def ensure_ray(extra_env: dict | None = None, dashboard: bool = True) -> bool:
+    """Join (or start) Ray unless this process already has; True when this call did. `dashboard=False`: a local
+    Ray started here runs without the dashboard (one-shot commands that print their own progress: on 2 cores its
+    processes took ~2% of the CPU and ~1 s of the start)."""
     if ray.is_initialized():
         return False
     plain_logs()
-    ray.init(runtime_env={"env_vars": worker_env(extra_env)})
+    ray.init(runtime_env={"env_vars": worker_env(extra_env)}, **({} if dashboard else {"include_dashboard": False}))
     return True
 
 

@@ -17,6 +17,22 @@ def test_token_batches_are_cut_by_padded_tokens_and_rows():
     assert ids.tolist() == [[1, 2, 0], [3, 4, 5]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
+def test_actor_plan_fills_what_is_not_given():
+    from jobs.encode import MAX_AUTO_CPU_ACTORS, actor_plan
+
+    # CPU: one one-thread actor per CPU, sharing what one tokenize task leaves
+    assert actor_plan(2) == (2, 1, 0.5)
+    assert actor_plan(4, read_cpus=0.5) == (4, 1, 0.87)
+    # past MAX_AUTO_CPU_ACTORS CPUs: that many actors, the CPUs shared out as threads
+    assert actor_plan(16) == (MAX_AUTO_CPU_ACTORS, 16 // MAX_AUTO_CPU_ACTORS, 1.87)
+    # what is given is kept; a given actor count gets the CPUs shared out as threads
+    assert actor_plan(2, num_actors=1) == (1, 2, 1.0)
+    assert actor_plan(8, num_actors=1, threads_per_actor=3, cpus_per_actor=2) == (1, 3, 2)
+    # GPU actors: one actor, 2 threads, 1 CPU unless told
+    assert actor_plan(16, gpus_per_actor=1) == (1, 2, 1.0)
+    assert actor_plan(16, gpus_per_actor=0.5, num_actors=2, cpus_per_actor=4) == (2, 2, 4)
+
+
 def test_tokenize_stage_then_actor_give_the_vectors_of_the_current_path(tmp_path):
     """The Ray Data stages as plain calls: read -> tokenize (sorted, cut by tokens) -> EncoderActor, against
     TextEncoder.encode one passage at a time (no padding at all): cosine >= 0.99999 for every passage."""

@@ -58,6 +58,8 @@ def test_encode_and_index_with_minilm(ray_local, tmp_path, capsys):
     assert (m["version"], m["type"], m["dim"], m["metric"], m["count"]) == ("v1", "flat", 384, "ip", 50)
     assert m["corpus_fingerprint"] == "corpus-fp-1" and m["encoder"] == "minilm"
     assert m["encoder_fingerprint"] == encoder_fingerprint("minilm")
+    enc = m["build"]["encode"]      # the CPU default on the tests' 2-CPU Ray: two one-thread actors
+    assert (enc["num_actors"], enc["threads_per_actor"]) == (2, 1)
     # passage-shard order, though the tokenize stage hands the encoder rows sorted by token count
     assert index.ids == [r["id"] for r in rows[25:][::-1] + rows[:25]]
 
@@ -157,7 +159,7 @@ def test_bad_embedding_shards_give_no_index_and_ivfpq_builds_shard_parallel(ray_
     root = tmp_path / "index"
     scratch = scratch_dir(root, passages, "minilm")
     with pytest.raises(ValueError, match="need 3 logical CPUs, the cluster has 2: the job would wait forever"):
-        encode_passages(passages, tmp_path / "never", cpus_per_actor=2)
+        encode_passages(passages, tmp_path / "never", num_actors=1, cpus_per_actor=2)
     encode_passages(passages, scratch)                            # what a crashed build leaves; build_index resumes it
     shard = scratch / "emb-passages-00001.parquet"
     good = pq.read_table(shard)
