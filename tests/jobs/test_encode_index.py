@@ -130,7 +130,8 @@ def test_encode_killed_mid_job_keeps_finished_shards_and_resumes(ray_local, tmp_
     assert {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in out.glob(done[0].name)} == kept
     assert sorted(f.name for f in out.glob("emb-*.parquet")) == [f"emb-passages-{s:05d}.parquet" for s in range(4)]
     assert not list(out.glob(".tmp-*")) and stats["encoder_peak_rss_mb"] > 0
-    assert stats["encoder_actors_seen"] == 1 and stats["actor_busy_seconds"] > 0     # where the time went
+    assert 1 <= stats["encoder_actors_seen"] <= stats["num_actors"] == 2      # the CPU default: one per CPU
+    assert stats["actor_busy_seconds"] > 0                                      # where the time went
     assert stats["actor_ready_after_seconds"] > 0 and 0 < stats["actor_utilisation"] <= 1
 
     again = encode_passages(passages, out)                        # nothing left to do
