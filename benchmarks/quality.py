@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -444,6 +445,9 @@ def merge(specs: list[str], out_dir: Path) -> int:
         label, sep, d = spec.partition("=")
         if not sep or not label:
             raise ValueError(f"--merge {spec!r}: expected LABEL=DIR")
+        if not re.fullmatch(r"[\w\-. :/]+", label):      # the labels name MLflow metrics: MLflow's characters
+            raise ValueError(f"--merge {spec!r}: LABEL may hold letters, digits, '_', '-', '.', ' ', ':' and '/' "
+                             "only (it names MLflow metrics)")
         part = json.loads((Path(d) / "quality.json").read_text())
         for key, ds in part["datasets"].items():
             if len(ds["runs"]) != 1:

@@ -99,6 +99,7 @@ def _train_on_cloze(config: dict) -> None:
     import ray.train
     import torch
 
+    from jobs.ray_env import worker_log
     from pipeline.config import GeneratorConfig
     from pipeline.models.generator import build_generator
 
@@ -117,6 +118,15 @@ def _train_on_cloze(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     held = {name: [tuple(r) for r in rows] for name, rows in config["held_out"].items()}
     history, start, step, epoch = [], time.time(), 0, 0
+
+    def evaluate(loss: float | None) -> None:
+        scores = {name: {k: round(v, 4) if isinstance(v, float) else v
+                         for k, v in reading_scores(gen, rows, 32).items()} for name, rows in held.items()}
+        history.append({"step": step, "loss": loss, **scores, "seconds": round(time.time() - start, 1)})
+        worker_log(f"[pretrain-reader] step {step}: " + "  ".join(
+            f"{name} EM {v['em']} F1 {v['f1']} (n {v['n']})" for name, v in scores.items()))
+
+    evaluate(None)                  # the start: what the practice adds is measured against it
     while step < steps:
         for batch in shard.iter_batches(batch_size=config["batch_size"], local_shuffle_buffer_size=4096,
                                         local_shuffle_seed=config["seed"] + epoch, drop_last=True):
@@ -131,15 +141,10 @@ def _train_on_cloze(config: dict) -> None:
             step += 1
             last = step == steps
             if step % config["log_every"] == 0 or last:
-                print(f"[pretrain-reader] step {step}/{steps}  loss {loss.item():.3f}  "
-                      f"({time.time() - start:.0f} s)", flush=True)
+                worker_log(f"[pretrain-reader] step {step}/{steps}  loss {loss.item():.3f}  "
+                           f"({time.time() - start:.0f} s)")
             if step % config["eval_every"] == 0 or last:
-                scores = {name: {k: round(v, 4) if isinstance(v, float) else v
-                                 for k, v in reading_scores(gen, rows, 32).items()} for name, rows in held.items()}
-                history.append({"step": step, "loss": round(loss.item(), 4), **scores,
-                                "seconds": round(time.time() - start, 1)})
-                print(f"[pretrain-reader] step {step}: " + "  ".join(
-                    f"{name} EM {v['em']} F1 {v['f1']} (n {v['n']})" for name, v in scores.items()), flush=True)
+                evaluate(round(loss.item(), 4))
             if last:
                 break
         epoch += 1

@@ -41,6 +41,14 @@ def ensure_ray(extra_env: dict | None = None, dashboard: bool = True) -> bool:
     return True
 
 
+def worker_log(msg: str) -> None:
+    """A progress line from a Ray Train worker. Not print(): in a Ray Train V2 worker print() is patched into a
+    root-logger call that also tees to the redirected stdout, so every line reached the driver twice
+    (RAY_TRAIN_ENABLE_PRINT_PATCH)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
 def node_name() -> str:
     """This process's Ray node as errors name it: its IP and node id (two nodes on one host share the IP)."""
     ctx = ray.get_runtime_context() if ray.is_initialized() else None

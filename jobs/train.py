@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from jobs.guard import DriverGuard
 from jobs.index import build_index
 from jobs.ray_env import check_paths_on_nodes, ensure_ray, error_message, inside_job_package
+from jobs.ray_env import worker_log as _log
 from jobs.refresh import make_refresh_hook
 from jobs.sharded_index import check_shard_room, open_search_index, release_shards
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
@@ -48,13 +49,6 @@ from pipeline.tracking import Tracker, code_lineage, default_tracking_uri
 # ray.train, ray.train.torch, and MLflow's Ray integration.
 
 RESULT_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "num_questions")
-
-
-def _log(msg: str) -> None:
-    # not print(): in a Ray Train V2 worker print() is patched into a root-logger call that also tees to the
-    # redirected stdout, so every line reached the driver twice (RAY_TRAIN_ENABLE_PRINT_PATCH)
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------------- worker side

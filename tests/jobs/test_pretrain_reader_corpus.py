@@ -67,6 +67,7 @@ def test_corpus_mode_trains_and_writes_weights_that_load_as_generator_init(ray_l
     assert pretrain_reader.main(args) == 0
     report = json.loads((out / "pretrain.json").read_text())
     assert report["examples"] > 4 and report["history"][-1]["step"] == 3
+    assert report["history"][0]["step"] == 0 and report["history"][0]["loss"] is None   # the start, evaluated
     assert report["history"][-1]["cloze"]["n"] == 4
     from safetensors.torch import load_file
 

@@ -131,3 +131,6 @@ def test_merge_reports_runs_made_in_separate_processes_under_their_labels(tmp_pa
     _quality_json(tmp_path / "d", "jsa", [2], [0.3], steps=20)
     assert main(["--merge", f"jsa={tmp_path / 'a'}", f"jsa={tmp_path / 'd'}", "--out-dir", str(out)]) == 2
     assert "differs from the first run in ['steps']" in capsys.readouterr().err
+    # a label MLflow cannot name a metric with is refused before anything is written
+    assert main(["--merge", f"jsa + x={tmp_path / 'a'}", "--out-dir", str(tmp_path / "never")]) == 2
+    assert "LABEL may hold letters" in capsys.readouterr().err and not (tmp_path / "never").exists()
