@@ -244,8 +244,8 @@ def actor_plan(cluster_cpus: float, gpus_per_actor: float = 0, num_actors: int |
                read_cpus: float | None = None) -> tuple[int, int, float]:
     """(num_actors, threads_per_actor, cpus_per_actor) with every None filled in. GPU actors: 1 actor, 2 threads,
     1 CPU. CPU actors: one per logical CPU up to MAX_AUTO_CPU_ACTORS, the CPUs shared out as torch threads, each
-    reserving an equal share of what is left after one tokenize task (`read_cpus`, default 1), so the tokenizer
-    still runs; 2 CPUs give 2 one-thread actors reserving 0.5 CPU each."""
+    reserving its threads or an equal share of what is left after one tokenize task (`read_cpus`, default 1),
+    whichever is less, so the tokenizer still runs; 2 CPUs give 2 one-thread actors reserving 0.5 CPU each."""
     if gpus_per_actor:
         return num_actors or 1, threads_per_actor or 2, 1.0 if cpus_per_actor is None else cpus_per_actor
     cpus = max(1, int(cluster_cpus))
@@ -253,7 +253,7 @@ def actor_plan(cluster_cpus: float, gpus_per_actor: float = 0, num_actors: int |
     threads = threads_per_actor or max(1, cpus // actors)
     if cpus_per_actor is None:
         left = cluster_cpus - (1 if read_cpus is None else read_cpus)
-        cpus_per_actor = max(0.01, int(100 * left / actors) / 100)
+        cpus_per_actor = max(0.01, min(threads, int(100 * left / actors) / 100))
     return actors, threads, cpus_per_actor
 
 
@@ -274,14 +274,15 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     rows; the encoder actors then only run the model on those
     batches (the longer the sort window, the less each forward pass pads). `num_actors`, `cpus_per_actor` (the
     logical CPU reservation of each actor: keep room for the tokenize tasks) and `threads_per_actor` (torch's
-    threads in it): None takes `actor_plan`'s (on CPU, one one-thread actor per logical CPU), `gpus_per_actor` > 0 puts the actors on GPUs, where
+    threads in it): None takes `actor_plan`'s (on CPU, one one-thread actor per logical CPU). `gpus_per_actor` > 0
+    puts the actors on GPUs, where
     `compute_dtype` bfloat16/float16 and `compile` (torch.compile) may be asked (refused on CPU actors).
     There is no listing task: the driver reads the Parquet footers. `block_mb` is the largest block Ray Data makes
     (its `DataContext.target_max_block_size` for this dataset): an actor holds about two input blocks and one
     output block, so its memory is bounded by model + batch + blocks, whatever the corpus and shard sizes, and
     output streams to disk block by block; a corpus too small to give every actor MIN_BLOCKS_PER_ACTOR blocks of
-    that size gets smaller blocks, so the actors finish together. An `out_dir` left by an interrupted encode with the same encoder, dtype,
-    compute_dtype and passages is resumed (`resume`): finished shards are kept and skipped. Returns stats: count,
+    that size gets smaller blocks, so the actors finish together. An `out_dir` left by an interrupted encode with
+    the same encoder, dtype, compute_dtype and passages is resumed (`resume`): finished shards are kept and skipped. Returns stats: count,
     dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, and where the time went:
     actor_ready_after_seconds (actor start-up + model load), actor_busy_seconds (inside the encoder),
     actor_utilisation, passages_per_actor_busy_s, tokenize_seconds (CPU seconds of the tokenize stage), ...

@@ -27,6 +27,7 @@ def test_actor_plan_fills_what_is_not_given():
     assert actor_plan(16) == (MAX_AUTO_CPU_ACTORS, 16 // MAX_AUTO_CPU_ACTORS, 1.87)
     # what is given is kept; a given actor count gets the CPUs shared out as threads
     assert actor_plan(2, num_actors=1) == (1, 2, 1.0)
+    assert actor_plan(16, num_actors=1, threads_per_actor=2) == (1, 2, 2)     # its threads, not the 15 CPUs left
     assert actor_plan(8, num_actors=1, threads_per_actor=3, cpus_per_actor=2) == (1, 3, 2)
     # GPU actors: one actor, 2 threads, 1 CPU unless told
     assert actor_plan(16, gpus_per_actor=1) == (1, 2, 1.0)
