@@ -21,6 +21,7 @@ import psutil
 import pytest
 from testlib import minilm_index
 
+from jobs.train import plan_resume
 from pipeline.synthetic import generate_knowledge_base, write_knowledge_base
 from pipeline.training import DataOrder
 
@@ -59,16 +60,28 @@ def _start(cmd: list[str], ray_tmp: str, log: Path) -> subprocess.Popen:
 
 
 def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
-    """Until the worker has trained past `step` and a checkpoint is on storage."""
+    """Until the worker has trained past `step` and --resume would see the checkpoint at or before it: the
+    controller records a reported checkpoint some time after the worker has trained on (under load, steps later)."""
     trace = out / "trace" / "rank0.jsonl"
+    newest_expected = step // CKPT_EVERY * CKPT_EVERY
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"the driver ended early (rc {proc.returncode})"
         steps = [r["step"] for r in _records(trace) if "event" not in r]
-        if steps and max(steps) >= step and list((out / "ray_results").glob("*/checkpoint_manager_snapshot.json")):
+        if steps and max(steps) >= step and _newest_checkpoint(out) >= newest_expected:
             return
         time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+    raise AssertionError(f"step {step} with a checkpoint at {newest_expected} not reached in {timeout}s")
+
+
+def _newest_checkpoint(out: Path) -> int:
+    """The step --resume would continue from now (-1 while nothing is recorded or the snapshot is mid-write)."""
+    if not list((out / "ray_results").glob("*/checkpoint_manager_snapshot.json")):
+        return -1
+    try:
+        return plan_resume(out)["step"]
+    except (ValueError, OSError, RuntimeError):
+        return -1
 
 
 def _records(path: Path) -> list[dict]:
