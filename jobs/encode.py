@@ -241,20 +241,29 @@ class _ActorStats:
 
 def actor_plan(cluster_cpus: float, gpus_per_actor: float = 0, num_actors: int | None = None,
                threads_per_actor: int | None = None, cpus_per_actor: float | None = None,
-               read_cpus: float | None = None) -> tuple[int, int, float]:
+               read_cpus: float | None = None, node_cpus: float | None = None) -> tuple[int, int, float]:
     """(num_actors, threads_per_actor, cpus_per_actor) with every None filled in. GPU actors: 1 actor, 2 threads,
     1 CPU. CPU actors: one per logical CPU up to MAX_AUTO_CPU_ACTORS, the CPUs shared out as torch threads, each
     reserving its threads or an equal share of what is left after one tokenize task (`read_cpus`, default 1),
-    whichever is less, so the tokenizer still runs; 2 CPUs give 2 one-thread actors reserving 0.5 CPU each."""
+    whichever is less, so the tokenizer still runs; 2 CPUs give 2 one-thread actors reserving 0.5 CPU each.
+    `node_cpus` (the largest node's CPUs, default the cluster's) caps the threads and the reservation: an actor
+    lives on one node."""
     if gpus_per_actor:
         return num_actors or 1, threads_per_actor or 2, 1.0 if cpus_per_actor is None else cpus_per_actor
     cpus = max(1, int(cluster_cpus))
+    node = max(1, int(cluster_cpus if node_cpus is None else node_cpus))
     actors = num_actors or min(cpus, MAX_AUTO_CPU_ACTORS)
-    threads = threads_per_actor or max(1, cpus // actors)
+    threads = threads_per_actor or min(node, max(1, cpus // actors))
     if cpus_per_actor is None:
         left = cluster_cpus - (1 if read_cpus is None else read_cpus)
-        cpus_per_actor = max(0.01, min(threads, int(100 * left / actors) / 100))
+        cpus_per_actor = max(0.01, min(threads, node, int(100 * left / actors) / 100))
     return actors, threads, cpus_per_actor
+
+
+def actors_placeable(node_cpus: list[float], num_actors: int, cpus_per_actor: float) -> int:
+    """How many of `num_actors` actors reserving `cpus_per_actor` each the nodes (their logical CPUs) can hold."""
+    return min(num_actors, sum(int(c / cpus_per_actor + 1e-9) for c in node_cpus)) if cpus_per_actor > 0 \
+        else num_actors
 
 
 def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike, encoder: str | None = "minilm",
@@ -325,14 +334,18 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
         ensure_ray()
         total = ray.cluster_resources().get("CPU", 0)
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or [total]
         num_actors, threads_per_actor, cpus_per_actor = actor_plan(total, gpus_per_actor, num_actors,
-                                                                   threads_per_actor, cpus_per_actor, read_cpus)
+                                                                   threads_per_actor, cpus_per_actor, read_cpus,
+                                                                   node_cpus=max(node_cpus))
         need = num_actors * cpus_per_actor + (1 if read_cpus is None else read_cpus)
-        if need > total:
+        placeable = actors_placeable(node_cpus, num_actors, cpus_per_actor)
+        if need > total or placeable < num_actors:
             raise ValueError(f"{num_actors} encoder actor(s) x cpus_per_actor={cpus_per_actor} plus a read task need "
-                             f"{need:g} logical CPUs, the cluster has {total:g}: the job would wait forever. Lower "
-                             f"cpus_per_actor (an actor still runs threads_per_actor={threads_per_actor} threads) or "
-                             f"num_actors")
+                             f"{need:g} logical CPUs, the cluster has {total:g} on nodes of "
+                             f"{', '.join(f'{c:g}' for c in node_cpus)} (room for {placeable} such actor(s)): the "
+                             f"job would wait forever. Lower cpus_per_actor (an actor still runs "
+                             f"threads_per_actor={threads_per_actor} threads) or num_actors")
         corpus_mb = sum(footers[f].row_group(i).total_byte_size
                         for f in todo for i in range(footers[f].num_row_groups)) / 2**20
         block_mb = min(block_mb, max(MIN_AUTO_BLOCK_MB, corpus_mb / (MIN_BLOCKS_PER_ACTOR * num_actors)))

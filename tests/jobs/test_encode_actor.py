@@ -29,9 +29,23 @@ def test_actor_plan_fills_what_is_not_given():
     assert actor_plan(2, num_actors=1) == (1, 2, 1.0)
     assert actor_plan(16, num_actors=1, threads_per_actor=2) == (1, 2, 2)     # its threads, not the 15 CPUs left
     assert actor_plan(8, num_actors=1, threads_per_actor=3, cpus_per_actor=2) == (1, 3, 2)
+    # an actor lives on one node: 10 nodes of 4 CPUs give 8 actors of 4 threads reserving 4 CPUs (not 4.87,
+    # which no node has); 16 one-CPU nodes give 8 one-CPU actors
+    assert actor_plan(40, node_cpus=4) == (MAX_AUTO_CPU_ACTORS, 4, 4)
+    assert actor_plan(16, node_cpus=1) == (MAX_AUTO_CPU_ACTORS, 1, 1)
     # GPU actors: one actor, 2 threads, 1 CPU unless told
     assert actor_plan(16, gpus_per_actor=1) == (1, 2, 1.0)
     assert actor_plan(16, gpus_per_actor=0.5, num_actors=2, cpus_per_actor=4) == (2, 2, 4)
+
+
+def test_actors_placeable_counts_per_node():
+    from jobs.encode import actors_placeable
+
+    assert actors_placeable([3, 3], 1, 5) == 0              # 6 CPUs in all, but no node holds 5
+    assert actors_placeable([3, 3], 4, 1.5) == 4
+    assert actors_placeable([3, 3], 5, 1.5) == 4
+    assert actors_placeable([2], 2, 0.5) == 2
+    assert actors_placeable([1] * 16, 8, 1) == 8
 
 
 def test_tokenize_stage_then_actor_give_the_vectors_of_the_current_path(tmp_path):

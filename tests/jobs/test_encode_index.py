@@ -159,7 +159,8 @@ def test_bad_embedding_shards_give_no_index_and_ivfpq_builds_shard_parallel(ray_
     _write_many_shards(passages, shards=3, per_shard=20)
     root = tmp_path / "index"
     scratch = scratch_dir(root, passages, "minilm")
-    with pytest.raises(ValueError, match="need 3 logical CPUs, the cluster has 2: the job would wait forever"):
+    with pytest.raises(ValueError, match=r"need 3 logical CPUs, the cluster has 2 on nodes of 2 "
+                                         r"\(room for 1 such actor\(s\)\): the job would wait forever"):
         encode_passages(passages, tmp_path / "never", num_actors=1, cpus_per_actor=2)
     encode_passages(passages, scratch)                            # what a crashed build leaves; build_index resumes it
     shard = scratch / "emb-passages-00001.parquet"
