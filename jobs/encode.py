@@ -292,9 +292,9 @@ def encode_passages(passages_dir: str | os.PathLike, out_dir: str | os.PathLike,
     output streams to disk block by block; a corpus too small to give every actor MIN_BLOCKS_PER_ACTOR blocks of
     that size gets smaller blocks, so the actors finish together. An `out_dir` left by an interrupted encode with
     the same encoder, dtype, compute_dtype and passages is resumed (`resume`): finished shards are kept and
-    skipped. Returns stats: count, dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, and where the time went:
-    actor_ready_after_seconds (actor start-up + model load), actor_busy_seconds (inside the encoder),
-    actor_utilisation, passages_per_actor_busy_s, tokenize_seconds (CPU seconds of the tokenize stage), ...
+    skipped. Returns stats: count, dim, seconds, passages_per_s, shards_encoded, shards_skipped, peak RSS, and
+    where the time went: actor_ready_after_seconds (actor start-up + model load), actor_busy_seconds (inside the
+    encoder), actor_utilisation, passages_per_actor_busy_s, tokenize_seconds (CPU seconds of the tokenize stage), ...
     """
     import ray
 
