@@ -12,7 +12,9 @@ included), against one of two teachers over the prior's candidates C (the top tr
 loss = -log sum over the teacher's candidates of p(z|x). recall@1 (ranked as `latentrag eval` ranks: the dense
 top-20 and BM25's top-H by the prior's score) of the held-out test questions and of the first --train-probe training
 questions, every --eval-every steps. At the start it also measures the answer teacher: on the training questions
-where it says something, how often its best passage is gold, against the prior's top-1.
+where it says something, how often its best passage is gold, against the prior's top-1. With `--set
+retriever.train_passage_encoder=true --set index.rerank_top_m=M` a passage encoder trains beside the query encoder
+and re-ranks the index's top-M (as in training, without refreshing the index).
 
     python -m benchmarks.retriever_signal --datasets cmu --seeds 0 1 --steps 400
 """
@@ -36,6 +38,7 @@ from benchmarks.quality import CONFIGS, DATASETS, SHARED_DATA, DatasetMissing  #
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import GoldPassages  # noqa: E402
 from pipeline.metrics import normalize_answer, recall_at_k  # noqa: E402
+from pipeline.models.assembly import attach_passage_encoder  # noqa: E402
 from pipeline.models.retriever import TextEncoder  # noqa: E402
 from pipeline.rag import RagModel  # noqa: E402
 
@@ -56,10 +59,13 @@ def contains_answer(passages: list[str], answers: list[str]) -> list[bool]:
 
 
 def build_retriever(cfg, index) -> RagModel:
-    """The config's query encoder over `index`, with its hybrid candidates and fused prior; no generator."""
+    """The config's query encoder over `index`, with its hybrid candidates and fused prior, and with
+    `retriever.train_passage_encoder` a passage encoder; no generator."""
     encoder = TextEncoder(cfg.retriever.encoder, pooling=cfg.retriever.pooling, normalize=cfg.retriever.normalize,
                           max_length=cfg.retriever.max_length)
     model = RagModel(encoder.eval(), None, index, tau=cfg.retriever.tau)
+    if cfg.retriever.train_passage_encoder:     # it trains too; the index's top-M re-ranked with it
+        attach_passage_encoder(model, cfg).passage_encoder.eval()
     if cfg.retriever.hybrid_k > 0:
         model.attach_bm25(cfg.retriever.hybrid_k, cfg.retriever.bm25_weight)
     return model
@@ -88,8 +94,10 @@ class Teacher:
 @torch.no_grad()
 def ranked_ids(model: RagModel, questions: list[str], batch_size: int = 64) -> list[list[str]]:
     """Each question's ranking of the dense top-20 and BM25's top-H, in eval mode."""
-    was_training = model.query_encoder.training
-    model.query_encoder.eval()
+    encoders = [e for e in (model.query_encoder, model.passage_encoder) if e is not None]
+    was_training = [e.training for e in encoders]
+    for e in encoders:
+        e.eval()
     depth = min(RANK_DEPTH, len(model.index.ids))
     out = []
     for i in range(0, len(questions), batch_size):
@@ -98,7 +106,8 @@ def ranked_ids(model: RagModel, questions: list[str], batch_size: int = 64) -> l
         rows = (model.prior_rows(qs, q, min(depth, len(model.index.ids) - model.hybrid_k))
                 if model.bm25_weight else model.search_rows(q, depth))
         out += [[str(model.index.ids[int(r)]) for r in row] for row in rows]
-    model.query_encoder.train(was_training)
+    for e, mode in zip(encoders, was_training):
+        e.train(mode)
     return out
 
 
@@ -139,11 +148,13 @@ def train_retriever(model: RagModel, teacher: Teacher, train: list[dict], test: 
     pool = [r for r in train if teacher.teaches(r)]
     if not pool:
         raise ValueError(f"the {teacher.name} teacher has no training question to learn from")
-    params = [p for p in model.query_encoder.parameters() if p.requires_grad]
+    encoders = [e for e in (model.query_encoder, model.passage_encoder) if e is not None]
+    params = [p for e in encoders for p in e.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     curve = [{"step": 0, "test": recall1(model, test), "train_probe": recall1(model, probe), "taught": 0}]
     taught, t0 = 0, time.time()
-    model.query_encoder.train()
+    for e in encoders:
+        e.train()
     for step in range(1, steps + 1):
         batch = rng.sample(pool, min(batch_size, len(pool)))
         qs = [r["question"] for r in batch]
@@ -166,7 +177,8 @@ def train_retriever(model: RagModel, teacher: Teacher, train: list[dict], test: 
             log(f"  {teacher.name:>6} seed {seed} step {step:4d}  test recall@1 {curve[-1]['test']:.3f}  "
                 f"train recall@1 {curve[-1]['train_probe']:.3f}  taught {taught}  "
                 f"({(time.time() - t0) / step:.2f} s/step)")
-    model.query_encoder.eval()
+    for e in encoders:
+        e.eval()
     return curve
 
 
