@@ -140,6 +140,16 @@ def prepared_dataset(out: Path, name: str, key: str, index_tag: str) -> dict:
 
 
 DATASETS = {"synthetic": synthetic_dataset, "cmu": cmu_dataset, "rag-mini": rag_mini_dataset}
+
+
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """The options the DATASETS loaders read."""
+    p.add_argument("--kb-seed", type=int, default=0, help="synthetic knowledge-base seed")
+    p.add_argument("--templates", default="default", help="synthetic templates: default | alt")
+    p.add_argument("--cmu-dir", default=str(SHARED_DATA / "cmu_qa_wiki"))
+    p.add_argument("--rag-mini-dir", default=str(SHARED_DATA / "rag_mini_wikipedia"),
+                   help="rag-mini-wikipedia (passages.csv, qa_s08.jsonl); its passage -> article map reads --cmu-dir")
+    p.add_argument("--cmu-chunk-words", type=int, default=100)
 BASELINES = {"bm25": "BM25 retrieval", "majority_answer": 'majority answer "{answer}"',
              "bm25_reader": "BM25 top-K + untrained reader", "minilm": "frozen MiniLM + untrained reader"}
 
@@ -355,12 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-eval", type=int, default=0, help="test questions per evaluation (0 = all)")
-    p.add_argument("--kb-seed", type=int, default=0, help="synthetic knowledge-base seed")
-    p.add_argument("--templates", default="default", help="synthetic templates: default | alt")
-    p.add_argument("--cmu-dir", default=str(SHARED_DATA / "cmu_qa_wiki"))
-    p.add_argument("--rag-mini-dir", default=str(SHARED_DATA / "rag_mini_wikipedia"),
-                   help="rag-mini-wikipedia (passages.csv, qa_s08.jsonl); its passage -> article map reads --cmu-dir")
-    p.add_argument("--cmu-chunk-words", type=int, default=100)
+    add_dataset_arguments(p)
     p.add_argument("--variance-batch", type=int, default=8)
     p.add_argument("--variance-repeats", type=int, default=6, help="gradient estimates per estimator (0 = skip; else >= 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")

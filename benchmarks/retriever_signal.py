@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks.common import cached_index  # noqa: E402
-from benchmarks.quality import CONFIGS, DATASETS, SHARED_DATA, DatasetMissing  # noqa: E402
+from benchmarks.quality import CONFIGS, DATASETS, DatasetMissing, add_dataset_arguments  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import GoldPassages  # noqa: E402
 from pipeline.metrics import normalize_answer, recall_at_k  # noqa: E402
@@ -91,10 +91,15 @@ class Teacher:
         return bool(findable_answers(row["answers"]))
 
 
+def retriever_encoders(model: RagModel) -> list:
+    """The encoders that train here: the query encoder, and the passage encoder when there is one."""
+    return [e for e in (model.query_encoder, model.passage_encoder) if e is not None]
+
+
 @torch.no_grad()
 def ranked_ids(model: RagModel, questions: list[str], batch_size: int = 64) -> list[list[str]]:
     """Each question's ranking of the dense top-20 and BM25's top-H, in eval mode."""
-    encoders = [e for e in (model.query_encoder, model.passage_encoder) if e is not None]
+    encoders = retriever_encoders(model)
     was_training = [e.training for e in encoders]
     for e in encoders:
         e.eval()
@@ -121,7 +126,7 @@ def recall1(model: RagModel, rows: list[dict]) -> float:
 def answer_teacher_quality(model: RagModel, rows: list[dict], k: int) -> dict:
     """On `rows`: how many questions the answer teacher speaks for (some, not all, candidates contain the answer),
     and among those, how often the prior's top-1 and the teacher's best (highest-prior marked) candidate are gold."""
-    teacher, gold_of = Teacher("answer", model), GoldPassages(str(i) for i in model.index.ids)
+    teacher = Teacher("answer", model)
     speaks = prior_gold = teacher_gold = 0
     for i in range(0, len(rows), 64):
         chunk = rows[i:i + 64]
@@ -131,7 +136,7 @@ def answer_teacher_quality(model: RagModel, rows: list[dict], k: int) -> dict:
             marks = teacher.marks(r, cand)
             if not any(marks) or all(marks):
                 continue
-            gold = set(gold_of.passages(r.get("gold_passage_ids")))
+            gold = set(teacher.gold_of.passages(r.get("gold_passage_ids")))
             speaks += 1
             prior_gold += str(model.index.ids[int(cand[0])]) in gold
             teacher_gold += str(model.index.ids[int(cand[marks.index(True)])]) in gold
@@ -148,7 +153,7 @@ def train_retriever(model: RagModel, teacher: Teacher, train: list[dict], test: 
     pool = [r for r in train if teacher.teaches(r)]
     if not pool:
         raise ValueError(f"the {teacher.name} teacher has no training question to learn from")
-    encoders = [e for e in (model.query_encoder, model.passage_encoder) if e is not None]
+    encoders = retriever_encoders(model)
     params = [p for e in encoders for p in e.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     curve = [{"step": 0, "test": recall1(model, test), "train_probe": recall1(model, probe), "taught": 0}]
@@ -244,11 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--train-probe", type=int, default=400, help="training questions whose recall@1 is tracked")
-    p.add_argument("--kb-seed", type=int, default=0, help="synthetic knowledge-base seed")
-    p.add_argument("--templates", default="default", help="synthetic templates: default | alt")
-    p.add_argument("--cmu-dir", default=str(SHARED_DATA / "cmu_qa_wiki"))
-    p.add_argument("--rag-mini-dir", default=str(SHARED_DATA / "rag_mini_wikipedia"))
-    p.add_argument("--cmu-chunk-words", type=int, default=100)
+    add_dataset_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default="benchmarks/results/retriever_signal")
